@@ -1,0 +1,770 @@
+"""Profile the model (not the scheduler) on the present device across the knob grid.
+
+Writes a calibration profile (schema: version 1, see calibration/profile.py's readers):
+prefill latency over B x L, decode-step latency over B x C, for every attention kernel,
+precision and CUDA-graph setting the device runs; one-off switch costs; and on CUDA the
+allocator's behaviour under memory pressure. Timings go through `TorchExecutor`'s own
+prefill/decode paths, so the profile describes what the live engine does.
+
+A time budget stops the run cleanly (what was measured is kept; provenance says the grid
+was cut), and a grid point that fails is recorded in provenance["errors"] without ending
+the run.
+
+CLI: autoopt calibrate --model M --device D --out PROFILE.json [--budget-s S] [--quick] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import gc
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..engine.knobs import ALLOCATOR_MODES, HALF_ONLY_KERNELS, HALF_PRECISIONS, Knobs
+from ..engine.model import SDPA_BACKENDS, DecoderLM, model_config, round_ctx, transient_bytes
+from ..engine.torch_executor import (
+    DTYPES,
+    OOM_ERRORS,
+    TorchExecutor,
+    allocator_settings_string,
+    apply_allocator,
+    resolve_device,
+)
+
+FORMAT = "autoopt-profile"
+VERSION = 1
+
+_CPU_GRID: dict[str, Any] = {
+    "prefill": {"B": [1, 2, 4, 8, 16, 32], "L": [16, 32, 64, 128, 256], "max_tokens": 8192},
+    "decode": {"B": [1, 2, 4, 8, 16, 32], "C": [32, 128, 256, 480], "max_tokens": None},
+    "backends": ["flash", "math"],
+    "precisions": ["fp32", "bf16"],
+    "cuda_graphs": [False],
+    "warmup": 2,
+    "runs": 5,
+    "decode_warmup": 3,
+    "decode_runs": 10,
+    "alloc": None,
+}
+_CUDA_GRID: dict[str, Any] = {
+    "prefill": {"B": [1, 2, 4, 8, 16, 32, 64, 128], "L": [128, 512, 1024, 2048], "max_tokens": 131072},
+    "decode": {"B": [1, 2, 4, 8, 16, 32, 64, 128, 256], "C": [256, 2048], "max_tokens": None},
+    "backends": ["flash", "cudnn", "efficient", "math"],
+    "precisions": ["bf16", "fp16", "fp32_tf32", "fp32"],
+    "cuda_graphs": [False, True],
+    "warmup": 2,
+    "runs": 5,
+    "decode_warmup": 3,
+    "decode_runs": 10,
+    # (cfg, cap_frac): cap_frac 0 = uncapped
+    "alloc": {
+        "runs": [["default", 0.0], ["default", 1.3], ["expandable", 1.3], ["split128", 1.3], ["gc08_split128", 1.3]],
+        "steps": 250,
+        "max_batch": 64,
+        "max_tokens": 32768,
+        "median_len": 340,
+        "sigma": 1.0,
+        "seed": 0,
+    },
+}
+_QUICK: dict[str, dict[str, Any]] = {
+    "cpu": {
+        "prefill": {"B": [1, 4, 16], "L": [16, 64, 256], "max_tokens": 8192},
+        "decode": {"B": [1, 4, 16], "C": [32, 256], "max_tokens": None},
+        "warmup": 1,
+        "runs": 3,
+        "decode_warmup": 1,
+        "decode_runs": 5,
+    },
+    "cuda": {
+        "prefill": {"B": [1, 8, 64], "L": [128, 1024], "max_tokens": 131072},
+        "decode": {"B": [1, 8, 64], "C": [256, 2048], "max_tokens": None},
+        "warmup": 1,
+        "runs": 3,
+        "decode_warmup": 2,
+        "decode_runs": 5,
+        "alloc": {"runs": [["default", 0.0], ["default", 1.3], ["expandable", 1.3]], "steps": 60},
+    },
+}
+
+
+def default_grid(device_type: str, quick: bool = False) -> dict[str, Any]:
+    grid = copy.deepcopy(_CUDA_GRID if device_type == "cuda" else _CPU_GRID)
+    return _merge(grid, _QUICK["cuda" if device_type == "cuda" else "cpu"]) if quick else grid
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any] | None) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in (over or {}).items():
+        if k not in out:
+            raise ValueError(f"unknown grid key {k!r}; known: {sorted(out)}")
+        if isinstance(v, dict) and isinstance(out[k], dict):
+            out[k] = {**out[k], **v}
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _combos(grid: dict[str, Any], device_type: str) -> tuple[list[tuple[str, str]], list[str]]:
+    """(precision, backend) pairs the device runs, and the pairs skipped with the reason."""
+    combos, skipped = [], []
+    for prec in grid["precisions"]:
+        if prec not in DTYPES:
+            raise ValueError(f"grid precision {prec!r} is not one of {list(DTYPES)}")
+        for backend in grid["backends"]:
+            if backend not in SDPA_BACKENDS:
+                raise ValueError(f"grid backend {backend!r} is not one of {list(SDPA_BACKENDS)}")
+            if device_type != "cuda" and backend in ("efficient", "cudnn"):
+                skipped.append(f"{backend}/{prec}: the {backend!r} kernel exists only on CUDA")
+            elif device_type != "cuda" and prec == "fp32_tf32":
+                skipped.append(f"{backend}/{prec}: TF32 is CUDA-only (the CPU runs fp32, profiled as fp32)")
+            elif device_type == "cuda" and backend in HALF_ONLY_KERNELS and prec not in HALF_PRECISIONS:
+                skipped.append(f"{backend}/{prec}: {backend!r} runs only in bf16/fp16")
+            else:
+                combos.append((prec, backend))
+    return combos, skipped
+
+
+def _stats(samples: Sequence[float]) -> tuple[float, float, float]:
+    return float(statistics.median(samples)), float(min(samples)), float(max(samples))
+
+
+def _measure(fn: Callable[[], float], warmup: int, runs: int) -> tuple[float, float, float]:
+    for _ in range(warmup):
+        fn()
+    return _stats([fn() for _ in range(max(1, runs))])
+
+
+class _Clock:
+    def __init__(self, budget_s: float | None) -> None:
+        self.t0 = time.perf_counter()
+        self.budget_s = budget_s
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def out(self) -> bool:
+        return self.budget_s is not None and self.elapsed >= self.budget_s
+
+
+def _device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _total_mem(dev: torch.device) -> int:
+    if dev.type == "cuda":
+        return int(torch.cuda.get_device_properties(dev).total_memory)
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def default_name(dev: torch.device, model_name: str) -> str:
+    if dev.type != "cuda":
+        return f"cpu-{model_name}"
+    m = re.search(r"\b([A-Z]+\d{2,4}[A-Z]?)\b", torch.cuda.get_device_name(dev))
+    return f"{(m.group(1) if m else 'cuda').lower()}-{model_name}"
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _free_cuda(dev: torch.device) -> None:
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+
+
+# -- switch costs -----------------------------------------------------------------------
+def _switch_costs(model_name: str, dev: torch.device, base_precision: str) -> tuple[dict[str, float], dict[str, Any]]:
+    """One-off costs, on an executor of the engine's default size (64 slots, full context)."""
+    ex = TorchExecutor(model_name, str(dev), knobs=Knobs(precision=base_precision, attention="math"))
+    other = "fp32" if base_precision != "fp32" else "bf16"
+    prec = [ex.set_precision(p) for p in (other, base_precision) * 3]
+    detail: dict[str, Any] = {
+        "executor": {"max_slots": ex.capacity.max_slots, "max_context": ex.capacity.max_context},
+        "precision_change_samples_ms": prec,
+    }
+    sw = {
+        "empty_cache_ms": 0.0,
+        "set_allocator_ms": 0.0,
+        "precision_change_ms": float(statistics.median(prec)),
+        "graph_capture_ms": 0.0,
+        "read_memory_stats_us": 0.0,
+        "mem_get_info_us": 0.0,
+    }
+    if dev.type == "cuda":
+        c = min(256, ex.capacity.max_context)
+        for b in (1, 8, 64):  # warm the eager kernels first: a capture should not pay for them
+            ex.time_decode(b, c)
+        ex.set_cuda_graphs(True)
+        caps = {b: ex.time_decode(b, c)[1] for b in (1, 8, 64)}
+        sw["graph_capture_ms"] = float(statistics.median(caps.values()))
+        detail["graph_capture_ms_by_bucket"] = caps
+        ex.set_cuda_graphs(False)
+        del ex
+        _free_cuda(dev)
+        ec = []
+        for _ in range(3):
+            x = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
+            del x
+            _sync(dev)
+            t0 = time.perf_counter()
+            torch.cuda.empty_cache()
+            _sync(dev)
+            ec.append((time.perf_counter() - t0) * 1e3)
+        sw["empty_cache_ms"] = float(statistics.median(ec))
+        detail["empty_cache_freed_mb"] = 256
+        sa, notes = [], []
+        for name in ("expandable", "default") * 2:
+            ms, note = apply_allocator(name)
+            sa.append(ms)
+            if note:
+                notes.append(note)
+        sw["set_allocator_ms"] = float(statistics.median(sa))
+        if notes:
+            detail["set_allocator_notes"] = sorted(set(notes))
+        sw["read_memory_stats_us"] = _time_us(lambda: torch.cuda.memory_stats(dev), 50)
+        sw["mem_get_info_us"] = _time_us(lambda: torch.cuda.mem_get_info(dev), 200)
+    else:
+        # No allocator on the CPU: the readings are the executor's own bookkeeping.
+        sw["read_memory_stats_us"] = _time_us(lambda: ex.memory(True), 200)
+        sw["mem_get_info_us"] = _time_us(lambda: ex.memory(False), 200)
+        detail["cpu_note"] = "empty_cache, allocator settings and CUDA graphs do not exist on the CPU: 0.0"
+        del ex
+    return sw, detail
+
+
+def _time_us(fn: Callable[[], Any], n: int) -> float:
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+# -- the latency grid ---------------------------------------------------------------------
+def _points(grid: dict[str, Any], graphs: list[bool]) -> tuple[list[tuple[int, int]], list[tuple[int, int, bool]]]:
+    pg, dg = grid["prefill"], grid["decode"]
+    pre = [
+        (b, n)
+        for b in sorted(pg["B"])
+        for n in sorted(pg["L"])
+        if not pg.get("max_tokens") or b * n <= pg["max_tokens"]
+    ]
+    dec = [
+        (b, c, g)
+        for g in graphs
+        for b in sorted(dg["B"])
+        for c in sorted(dg["C"])
+        if not dg.get("max_tokens") or b * c <= dg["max_tokens"]
+    ]
+    return pre, dec
+
+
+def _peak(dev: torch.device, fn: Callable[[], Any]) -> tuple[Any, int]:
+    """Run `fn`; on CUDA also return the transient bytes it allocated above the baseline."""
+    if dev.type != "cuda":
+        return fn(), 0
+    torch.cuda.synchronize(dev)
+    base = torch.cuda.memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    out = fn()
+    torch.cuda.synchronize(dev)
+    return out, max(0, torch.cuda.max_memory_allocated(dev) - base)
+
+
+def calibrate(
+    model_name: str,
+    device: str = "auto",
+    out_path: str | Path | None = None,
+    budget_s: float | None = None,
+    grid: dict[str, Any] | None = None,
+    progress: bool = True,
+    *,
+    quick: bool = False,
+    threads: int | None = None,
+    name: str | None = None,
+    source: str | None = None,
+    notes: str = "",
+) -> dict[str, Any]:
+    """Profile `model_name` on `device`; write the profile JSON to `out_path` (if given).
+
+    `grid` overrides keys of the default grid (see `default_grid`); `budget_s` bounds the
+    wall time (the grid is cut, never the switch costs measured first); `threads` sets
+    torch's intra-op threads (recorded in provenance).
+    """
+    from tqdm.auto import tqdm
+
+    clock = _Clock(budget_s)
+    cfg = model_config(model_name)
+    dev = resolve_device(device)
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    g = _merge(default_grid(dev.type, quick), grid)
+    graphs = [bool(x) for x in g["cuda_graphs"] if dev.type == "cuda" or not x]
+    combos, skipped = _combos(g, dev.type)
+    pre_pts, dec_pts = _points(g, graphs)
+    planned = len(combos) * (len(pre_pts) + len(dec_pts))
+    errors: list[dict[str, Any]] = []
+    kernels: dict[str, dict[str, str]] = {}
+    prefill_rows: list[dict[str, Any]] = []
+    decode_rows: list[dict[str, Any]] = []
+    cut_reason = ""
+    base_prec = "bf16" if dev.type == "cuda" else "fp32"
+
+    try:
+        switch, switch_detail = _switch_costs(model_name, dev, base_prec)
+    except Exception as exc:  # one failed part must not end the run
+        errors.append({"part": "switch", "error": _err(exc)})
+        switch = dict.fromkeys(
+            (
+                "empty_cache_ms",
+                "set_allocator_ms",
+                "precision_change_ms",
+                "graph_capture_ms",
+                "read_memory_stats_us",
+                "mem_get_info_us",
+            ),
+            0.0,
+        )
+        switch_detail = {}
+    _free_cuda(dev)
+
+    ctx = cfg.max_context
+    slots = max([*g["prefill"]["B"], *g["decode"]["B"], 1])
+    ex = TorchExecutor(
+        model_name, str(dev), max_slots=slots, max_context=ctx, knobs=Knobs(precision=base_prec, attention="math")
+    )
+    weights_by_prec: dict[str, int] = {}
+    bar = tqdm(total=planned, desc=f"calibrate {model_name}/{dev.type}", disable=not progress, unit="pt")
+    measured = 0
+    try:
+        for prec, backend in combos:
+            if clock.out():
+                cut_reason = cut_reason or f"budget of {budget_s} s spent"
+                break
+            try:
+                ex.set_precision(prec)
+                ex.set_attention(backend)
+                ex.set_cuda_graphs(False)
+            except Exception as exc:
+                errors.append({"part": "switch", "precision": prec, "backend": backend, "error": _err(exc)})
+                bar.update(len(pre_pts) + len(dec_pts))
+                continue
+            kernels[f"{backend}/{prec}"] = dict(ex.effective_kernels)
+            wbytes = weights_by_prec.setdefault(prec, ex.weight_bytes)
+            elem = torch.empty((), dtype=DTYPES[prec]).element_size()
+            kv_tok = cfg.kv_bytes_per_token(elem)
+            for b, n in pre_pts:
+                if clock.out():
+                    cut_reason = f"budget of {budget_s} s spent"
+                    break
+                bar.set_postfix_str(f"prefill {backend}/{prec} B={b} L={n}")
+                try:
+                    med, lo, hi, trans = _prefill_point(ex, dev, g, b, n)
+                    if dev.type != "cuda":
+                        trans = transient_bytes(cfg, b, n, elem, ex.effective_kernels["prefill"])
+                    prefill_rows.append(
+                        {
+                            "B": b,
+                            "L": n,
+                            "backend": backend,
+                            "precision": prec,
+                            "ms": med,
+                            "ms_min": lo,
+                            "ms_max": hi,
+                            "peak_alloc": int(wbytes + b * n * kv_tok + trans),
+                        }
+                    )
+                    measured += 1
+                except Exception as exc:
+                    errors.append(
+                        {"part": "prefill", "B": b, "L": n, "backend": backend, "precision": prec, "error": _err(exc)}
+                    )
+                    _free_cuda(dev)
+                bar.update(1)
+            for b, c, graph in dec_pts:
+                if clock.out():
+                    cut_reason = f"budget of {budget_s} s spent"
+                    break
+                bar.set_postfix_str(f"decode {backend}/{prec} graphs={graph} B={b} C={c}")
+                try:
+                    ex.set_cuda_graphs(graph)
+                    row = _decode_point(ex, dev, g, b, c, graph)
+                    trans = row.pop("_trans")
+                    if dev.type != "cuda":
+                        span = round_ctx(c, ctx)
+                        trans = transient_bytes(cfg, b, span, elem, ex.effective_kernels["decode"], decode=True)
+                    row.update(backend=backend, precision=prec)
+                    row["peak_alloc"] = int(wbytes + b * c * kv_tok + trans)
+                    decode_rows.append(row)
+                    measured += 1
+                except Exception as exc:
+                    errors.append(
+                        {
+                            "part": "decode",
+                            "B": b,
+                            "C": c,
+                            "backend": backend,
+                            "precision": prec,
+                            "cuda_graphs": graph,
+                            "error": _err(exc),
+                        }
+                    )
+                    _free_cuda(dev)
+                bar.update(1)
+            ex.set_cuda_graphs(False)
+    finally:
+        bar.close()
+    del ex
+    _free_cuda(dev)
+
+    allocator: dict[str, Any] = {}
+    alloc_rows: list[dict[str, Any]] = []
+    alloc_note = "no CUDA allocator on the CPU" if dev.type != "cuda" else ""
+    if dev.type == "cuda" and g.get("alloc"):
+        if clock.out():
+            cut_reason = cut_reason or f"budget of {budget_s} s spent"
+            alloc_note = "skipped: budget spent"
+        else:
+            try:
+                alloc_rows, alloc_note, alloc_errors = _alloc_pressure(cfg, dev, g["alloc"], clock, progress)
+                errors += alloc_errors
+            except Exception as exc:
+                errors.append({"part": "alloc", "error": _err(exc)})
+            allocator, fit_note = _fit_allocator(alloc_rows)
+            alloc_note = "; ".join(x for x in (alloc_note, fit_note) if x)
+            if out_path is not None and alloc_rows:
+                side = Path(out_path).with_suffix(".alloc.jsonl")
+                side.parent.mkdir(parents=True, exist_ok=True)
+                side.write_text("".join(json.dumps(r) + "\n" for r in alloc_rows))
+                alloc_note += f"; raw rows in {side.name}"
+        torch.cuda.set_per_process_memory_fraction(1.0, dev)
+
+    provenance = {
+        "device_name": _device_name(dev),
+        "device_type": dev.type,
+        "torch": torch.__version__,
+        "date": _dt.date.today().isoformat(),
+        "source": source or f"calibrate({model_name!r}, device={device!r}, budget_s={budget_s}, quick={quick})",
+        "notes": notes or _default_notes(dev.type),
+        "grid": g,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "cuda": torch.version.cuda if dev.type == "cuda" else None,
+        "cut": bool(cut_reason),
+        "cut_reason": cut_reason,
+        "planned_points": planned,
+        "measured_points": measured,
+        "elapsed_s": round(clock.elapsed, 3),
+        "errors": errors,
+        "skipped": skipped,
+        "effective_kernels": kernels,
+        "switch_detail": switch_detail,
+        "allocator_note": alloc_note,
+        "calibration_executor": {"max_slots": slots, "max_context": ctx, "seed": 0},
+    }
+    profile = {
+        "format": FORMAT,
+        "version": VERSION,
+        "name": name or default_name(dev, model_name),
+        "provenance": provenance,
+        "device": {"type": dev.type, "total_mem_bytes": _total_mem(dev)},
+        "model": {
+            "name": cfg.name,
+            "layers": cfg.layers,
+            "d_model": cfg.d_model,
+            "heads": cfg.heads,
+            "vocab": cfg.vocab,
+            "max_context": cfg.max_context,
+        },
+        "prefill": prefill_rows,
+        "decode": decode_rows,
+        "switch": switch,
+        "allocator": allocator,
+    }
+    if out_path is not None:
+        write_profile(profile, out_path)
+    return profile
+
+
+def _default_notes(device_type: str) -> str:
+    common = (
+        "Latencies: wall-clock (perf_counter, synchronised) medians after warm-ups of TorchExecutor's own "
+        "prefill/decode paths, seeded random weights. Rows are labelled with the attention KNOB; "
+        "provenance.effective_kernels says which SDPA kernel really ran (e.g. masked decode under 'flash' "
+        "runs 'efficient' on CUDA). Decode: every row at position C-1; eager attends over C rounded up to 64, "
+        "a captured graph over the full max_context. peak_alloc = weights + KV of the point (B*L or B*C "
+        "positions) + activations"
+    )
+    if device_type == "cuda":
+        return common + " (measured: max_memory_allocated above the baseline; graph rows add the graph's pool)."
+    return common + " (estimated: engine.model.transient_bytes; the CPU has no allocator counters)."
+
+
+def write_profile(profile: dict[str, Any], out_path: str | Path) -> Path:
+    path = Path(out_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(profile, indent=1, allow_nan=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def _err(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+
+
+def _prefill_point(ex: TorchExecutor, dev: torch.device, g: dict[str, Any], b: int, n: int):
+    (med, lo, hi), trans = _peak(dev, lambda: _measure(lambda: ex.time_prefill(b, n), g["warmup"], g["runs"]))
+    return med, lo, hi, trans
+
+
+def _decode_point(ex: TorchExecutor, dev: torch.device, g: dict[str, Any], b: int, c: int, graph: bool) -> dict:
+    """Decode timings; with graphs, capture_ms is the capture cost of the bucket's graph
+    (captured over the full max_context, so shared by every C) and its pool is counted in
+    the memory."""
+    ex.time_decode(b, c)  # first call: a warm-up; with graphs on, captures the bucket if new
+    bucket = ex._bucket(b)
+
+    def run() -> tuple[float, float, float]:
+        for _ in range(max(0, g["decode_warmup"] - 1)):
+            ex.time_decode(b, c)
+        return _stats([ex.time_decode(b, c)[0] for _ in range(max(1, g["decode_runs"]))])
+
+    (med, lo, hi), trans = _peak(dev, run)
+    return {
+        "B": b,
+        "C": c,
+        "cuda_graphs": graph,
+        "ms": med,
+        "ms_min": lo,
+        "ms_max": hi,
+        "capture_ms": ex.capture_ms.get(bucket) if graph else None,
+        "_trans": trans + (ex.graph_bytes.get(bucket, 0) if graph else 0),
+    }
+
+
+# -- the allocator under memory pressure (CUDA) -------------------------------------------
+def alloc_stream(spec: dict[str, Any], max_context: int) -> list[tuple[int, int]]:
+    """A variable-shape prefill stream: lognormal prompt lengths, random batch sizes."""
+    rng = np.random.default_rng(int(spec.get("seed", 0)))
+    out = []
+    for _ in range(int(spec["steps"])):
+        n = int(np.clip(rng.lognormal(math.log(spec["median_len"]), spec["sigma"]), 16, max_context))
+        b = int(rng.integers(1, int(spec["max_batch"]) + 1))
+        b = max(1, min(b, int(spec["max_tokens"]) // n))
+        out.append((b, n))
+    return out
+
+
+def _alloc_pressure(
+    cfg: Any, dev: torch.device, spec: dict[str, Any], clock: _Clock, progress: bool
+) -> tuple[list[dict[str, Any]], str, list[dict[str, Any]]]:
+    """Serve the stream once per (allocator config, cap), each in a fresh process with
+    PYTORCH_CUDA_ALLOC_CONF set before CUDA starts (as the shared h100 runs did: a
+    process that already ran the grid holds cached segments that would skew the cap).
+    Returns rows in the format of shared/data/h100/alloc.jsonl, notes and errors."""
+    import multiprocessing as mp
+    import tempfile
+
+    rows: list[dict[str, Any]] = []
+    notes: list[str] = []
+    errors: list[dict[str, Any]] = []
+    ctx = mp.get_context("spawn")
+    for cfg_name, cap_frac in spec["runs"]:
+        if clock.out():
+            notes.append(f"cut before {cfg_name}/{cap_frac}: budget spent")
+            break
+        if cfg_name not in ALLOCATOR_MODES:
+            raise ValueError(f"alloc run config {cfg_name!r} is not one of {list(ALLOCATOR_MODES)}")
+        with tempfile.TemporaryDirectory() as td:
+            out = Path(td) / "rows.jsonl"
+            old = os.environ.get(_ALLOC_ENV)
+            os.environ[_ALLOC_ENV] = allocator_settings_string(cfg_name)
+            try:
+                proc = ctx.Process(
+                    target=_alloc_worker,
+                    args=(cfg.name, cfg_name, float(cap_frac), spec, dev.index or 0, str(out), progress),
+                )
+                proc.start()
+            finally:
+                if old is None:
+                    os.environ.pop(_ALLOC_ENV, None)
+                else:
+                    os.environ[_ALLOC_ENV] = old
+            left = None if clock.budget_s is None else max(60.0, clock.budget_s - clock.elapsed + 60.0)
+            proc.join(left)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+                errors.append({"part": "alloc", "cfg": cfg_name, "cap_frac": cap_frac, "error": "timed out"})
+            elif proc.exitcode != 0:
+                errors.append(
+                    {"part": "alloc", "cfg": cfg_name, "cap_frac": cap_frac, "error": f"exit code {proc.exitcode}"}
+                )
+            if out.exists():
+                rows += [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    notes.append("each config in a fresh process, PYTORCH_CUDA_ALLOC_CONF set before CUDA starts")
+    return rows, "; ".join(notes), errors
+
+
+_ALLOC_ENV = "PYTORCH_CUDA_ALLOC_CONF"
+
+
+def _alloc_worker(
+    model_name: str,
+    cfg_name: str,
+    cap_frac: float,
+    spec: dict[str, Any],
+    device_index: int,
+    out_path: str,
+    progress: bool,
+) -> None:
+    """One run of the stream (child process): bf16 prefill forwards, logits only."""
+    from tqdm.auto import tqdm
+
+    dev = torch.device("cuda", device_index)
+    cfg = model_config(model_name)
+    model = DecoderLM(cfg, seed=0).to(torch.bfloat16).to(dev)  # cast on the host: no fp32 temporaries
+    model.prefill_backends = [SDPA_BACKENDS["flash"]]
+    stream = alloc_stream(spec, cfg.max_context)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    total = torch.cuda.get_device_properties(dev).total_memory
+    weights = model.weight_bytes()
+
+    def run(b: int, n: int) -> None:
+        toks = torch.randint(cfg.vocab, (b, n), generator=gen, device=dev)
+        with torch.inference_mode():
+            model.prefill_logits(toks, torch.full((b,), n, device=dev))
+
+    rows: list[dict[str, Any]] = []
+    head = {"cfg": cfg_name, "cap_frac": float(cap_frac), "reclaim_every": 0}
+    if cap_frac:
+        bmax, nmax = max(stream, key=lambda x: x[0] * x[1])  # the transient need of the largest batch
+        _, need = _peak(dev, lambda: run(bmax, nmax))
+        torch.cuda.empty_cache()
+        cap = weights + cap_frac * need
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), dev)
+        rows.append({**head, "cap_bytes": cap, "weights_bytes": weights, "max_batch_need_bytes": need})
+    torch.cuda.reset_peak_memory_stats(dev)
+    torch.cuda.reset_accumulated_memory_stats(dev)
+    t_run = time.perf_counter()
+    for step, (b, n) in enumerate(tqdm(stream, desc=f"alloc {cfg_name}/{cap_frac}", disable=not progress)):
+        t0 = time.perf_counter()
+        ok = True
+        try:
+            run(b, n)
+            torch.cuda.synchronize(dev)
+        except OOM_ERRORS:
+            ok = False
+            torch.cuda.empty_cache()
+        ms = (time.perf_counter() - t0) * 1e3
+        st = torch.cuda.memory_stats(dev)
+        rows.append(
+            {
+                **head,
+                "step": step,
+                "B": b,
+                "L": n,
+                "ok": ok,
+                "ms": ms,
+                "allocated": int(st.get("allocated_bytes.all.current", 0)),
+                "reserved": int(st.get("reserved_bytes.all.current", 0)),
+                "active": int(st.get("active_bytes.all.current", 0)),
+                "inactive_split": int(st.get("inactive_split_bytes.all.current", 0)),
+                "segments": int(st.get("segment.all.current", 0)),
+                "retries": int(st.get("num_alloc_retries", 0)),
+                "ooms": int(st.get("num_ooms", 0)),
+                "peak_reserved": int(st.get("reserved_bytes.all.peak", 0)),
+            }
+        )
+    rows.append({**head, "summary": True, "wall_s": time.perf_counter() - t_run})
+    Path(out_path).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _fit_allocator(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
+    if not rows:
+        return {}, "no allocator rows"
+    try:
+        from .alloc_model import AllocatorModel  # another engineer's module; optional here
+    except ImportError as exc:
+        return {}, f"allocator model not fitted (calibration.alloc_model unavailable: {exc})"
+    try:
+        params = AllocatorModel.fit(rows).params()
+    except Exception as exc:
+        return {}, f"allocator model fit failed: {_err(exc)}"
+    return (params if isinstance(params, dict) else {}), "fitted by calibration.alloc_model.AllocatorModel"
+
+
+# -- CLI ----------------------------------------------------------------------------------
+def calibrate_main(argv: Sequence[str] | None = None) -> int:
+    """`autoopt calibrate --model M --device D --out PROFILE.json [--budget-s S] [--quick]`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog="autoopt calibrate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="tiny", help="model preset (tiny, gpt2-small)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--out", required=True, help="profile JSON to write")
+    p.add_argument("--budget-s", type=float, default=None, help="wall-time budget; the grid is cut when spent")
+    p.add_argument("--quick", action="store_true", help="a coarse grid with fewer runs")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (recorded in provenance)")
+    p.add_argument("--name", default=None, help="profile name (default: <device>-<model>)")
+    p.add_argument("--notes", default="", help="free text for provenance.notes")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    source = "autoopt calibrate " + " ".join(argv)
+    try:
+        prof = calibrate(
+            args.model,
+            args.device,
+            args.out,
+            budget_s=args.budget_s,
+            progress=not args.no_progress,
+            quick=args.quick,
+            threads=args.threads,
+            name=args.name,
+            source=source,
+            notes=args.notes,
+        )
+    except ValueError as exc:
+        print(f"autoopt calibrate: {exc}", file=sys.stderr)
+        return 2
+    pv = prof["provenance"]
+    print(
+        f"wrote {args.out}: {len(prof['prefill'])} prefill + {len(prof['decode'])} decode rows in "
+        f"{pv['elapsed_s']:.1f} s{' (grid cut: ' + pv['cut_reason'] + ')' if pv['cut'] else ''}, "
+        f"{len(pv['errors'])} error(s)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(calibrate_main())

@@ -1,0 +1,183 @@
+"""Iteration-level continuous batching (Orca, vLLM), independent of how batches run.
+
+Each iteration the scheduler admits waiting requests, first come first served, for
+prefill within `max_num_seqs` (sequences in the batch, running ones included) and
+`max_batched_tokens` (prefill tokens plus one per decoding sequence), and runs one
+decode step for every running request. The torch engine and the simulator call it
+unchanged; only their executors differ.
+
+Out of memory: the batch's prefill requests go back to the head of the queue (a decode
+OOM preempts the newest half of the running set the same way, recompute-style), each
+try is counted, a request that fails `max_tries` times is rejected with the reason, and
+the limits shrink by half, then recover additively (AIMD on the OOM signal).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+
+from .executor import Batch, Capacity, StepResult
+from .knobs import Knobs
+from .request import Request, RequestState
+
+OOM_BACKOFF_RECOVERY = 1.0 / 64  # limits regain full size ~64 clean iterations after an OOM
+
+
+class Scheduler:
+    """Owns the queue and the running set; every arrival ends in exactly one state."""
+
+    def __init__(self, capacity: Capacity, max_tries: int = 3) -> None:
+        if max_tries < 1:
+            raise ValueError(f"max_tries must be >= 1, got {max_tries}")
+        self.capacity = capacity
+        self.max_tries = max_tries
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.iteration = 0
+        self.arrived = 0
+        self.completed = 0
+        self.rejected = 0
+        self.queued_tokens = 0
+        self.running_context_tokens = 0
+        self.oom_backoff = 1.0
+        self._finish_heap: list[tuple[int, int, Request]] = []
+
+    # -- arrivals ---------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        """Queue an arrival, or reject it at once when no KV slot could ever hold it."""
+        self.arrived += 1
+        total = request.prompt_len + request.output_len
+        if total > self.capacity.max_context:
+            self._reject(
+                request, f"needs {total} tokens of context, the model holds {self.capacity.max_context}"
+            )
+            return
+        request.state = RequestState.WAITING
+        self.waiting.append(request)
+        self.queued_tokens += request.context_len
+
+    def reject_waiting(self, reason: str) -> list[Request]:
+        """Reject everything still queued (used when an operator drains the engine)."""
+        out = list(self.waiting)
+        self.waiting.clear()
+        self.queued_tokens = 0
+        for r in out:
+            self._reject(r, reason)
+        return out
+
+    # -- one iteration ----------------------------------------------------------------
+    def limits(self, knobs: Knobs) -> tuple[int, int]:
+        """The batch limits in force: the knobs, capped by KV slots, shrunk after OOMs."""
+        seqs = min(knobs.max_num_seqs, self.capacity.max_slots)
+        seqs = max(1, int(seqs * self.oom_backoff))
+        tokens = max(1, int(knobs.max_batched_tokens * self.oom_backoff))
+        return seqs, tokens
+
+    def schedule(self, knobs: Knobs) -> Batch:
+        max_seqs, max_tokens = self.limits(knobs)
+        n = len(self.running)
+        tokens = n
+        prefill: list[Request] = []
+        prefill_tokens = 0
+        waiting = self.waiting
+        while waiting and n < max_seqs:
+            need = waiting[0].context_len
+            if tokens + need > max_tokens:
+                # A prompt bigger than the whole budget runs alone rather than starving.
+                if not (n == 0 and not prefill):
+                    break
+            r = waiting.popleft()
+            prefill.append(r)
+            prefill_tokens += need
+            tokens += need
+            n += 1
+        self.queued_tokens -= prefill_tokens
+        return Batch(prefill, self.running, prefill_tokens, self.running_context_tokens)
+
+    def complete(self, batch: Batch, now_s: float, result: StepResult) -> list[Request]:
+        """Account one executed batch; returns the requests that left the running set.
+
+        Those are finished requests (DONE) and, after an OOM, preempted or rejected ones:
+        the caller hands them to the executor's `release`.
+        """
+        if result.oom:
+            return self._on_oom(batch)
+        self.iteration += 1
+        it = self.iteration
+        # One decode token for each request that was already running.
+        for r in batch.decode:
+            r.generated += 1
+        self.running_context_tokens += len(batch.decode)
+        for r in batch.prefill:
+            r.state = RequestState.RUNNING
+            r.generated += 1
+            if math.isnan(r.first_token_s):
+                r.first_token_s = now_s
+            self.running_context_tokens += r.context_len
+            r.finish_iter = it + (r.output_len - r.generated)
+            heapq.heappush(self._finish_heap, (r.finish_iter, r.rid, r))
+            self.running.append(r)
+        self.oom_backoff = min(1.0, self.oom_backoff + OOM_BACKOFF_RECOVERY)
+        return self._pop_finished(it, now_s)
+
+    # -- internals --------------------------------------------------------------------
+    def _pop_finished(self, it: int, now_s: float) -> list[Request]:
+        heap = self._finish_heap
+        if not heap or heap[0][0] > it:
+            return []
+        done: list[Request] = []
+        while heap and heap[0][0] <= it:
+            _, _, r = heapq.heappop(heap)
+            if r.state != RequestState.RUNNING or r.finish_iter > it:
+                continue  # a stale entry of a request that was preempted
+            r.state = RequestState.DONE
+            r.finish_s = now_s
+            self.running_context_tokens -= r.context_len
+            self.completed += 1
+            done.append(r)
+        if done:
+            self.running = [r for r in self.running if r.state == RequestState.RUNNING]
+        return done
+
+    def _on_oom(self, batch: Batch) -> list[Request]:
+        self.oom_backoff = max(self.oom_backoff * 0.5, 1.0 / max(1, self.capacity.max_slots))
+        if batch.prefill:
+            victims = list(batch.prefill)
+        else:
+            k = max(1, len(self.running) // 2)
+            victims = self.running[-k:]
+            self.running = self.running[:-k]
+            for r in victims:
+                self.running_context_tokens -= r.context_len
+                r.finish_iter = -1
+        left: list[Request] = []
+        for r in reversed(victims):  # reversed + appendleft keeps their order at the head
+            r.tries += 1
+            left.append(r)
+            if r.tries >= self.max_tries:
+                self._reject(r, f"out of memory on {r.tries} tries")
+            else:
+                r.state = RequestState.WAITING
+                self.waiting.appendleft(r)
+                self.queued_tokens += r.context_len
+        return left
+
+    def _reject(self, request: Request, reason: str) -> None:
+        request.state = RequestState.REJECTED
+        request.reject_reason = reason
+        self.rejected += 1
+
+    # -- accounting -------------------------------------------------------------------
+    @property
+    def queued(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def balanced(self) -> bool:
+        """The no-loss invariant: every arrival is in exactly one of the four states."""
+        return self.arrived == self.completed + self.queued + self.num_running + self.rejected

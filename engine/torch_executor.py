@@ -1,0 +1,668 @@
+"""The live engine's executor: runs batches on a torch transformer (`engine.model`).
+
+Implements the `Executor` protocol. Running sequences hold KV-cache slots kept compacted
+in 0..n-1 (`rid -> slot`), so a decode step attends over `cache[:, :n]`. Knob changes are
+real: SDPA kernels pinned with `sdpa_kernel`, weights and KV cast from an fp32 master
+copy, CUDA graphs captured lazily per batch-size bucket, the CUDA allocator reconfigured
+at run time. Knobs that cannot act on the device are reported, never faked.
+
+Out of memory never raises: the batch's prefill requests lose their slots, the cache is
+emptied, and `StepResult(oom=True)` goes back to the scheduler. On the CPU there is no
+allocator to run out of, so `memory_cap_bytes` simulates one from an estimate of the bytes
+needed (weights + KV in use + activations), and `inject_oom_next` forces OOMs in tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .executor import Batch, Capacity, MemoryReading, StepResult, SwitchReport
+from .knobs import ALLOCATOR_MODES, Knobs, not_applicable
+from .model import SDPA_BACKENDS, DecoderLM, model_config, resolve_kernel, round_ctx, transient_bytes
+from .request import Request
+
+DTYPES: dict[str, torch.dtype] = {
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp32_tf32": torch.float32,
+    "fp32": torch.float32,
+}
+OOM_ERRORS: tuple[type[BaseException], ...] = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),)
+_KNOB_FIELDS = tuple(f.name for f in dataclasses.fields(Knobs))
+
+
+@dataclass(slots=True)
+class _Graph:
+    graph: Any  # torch.cuda.CUDAGraph
+    tokens: torch.Tensor  # [b] static input
+    io: torch.Tensor  # [2, b]: positions, write slots
+    out: torch.Tensor  # [b] static output ids
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"bad device {device!r}: {exc}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device")
+    if dev.type == "cuda" and dev.index is None:  # some torch.cuda calls need the index
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def _oom(msg: str) -> BaseException:
+    return OOM_ERRORS[0](msg)
+
+
+def allocator_settings_string(name: str) -> str:
+    """The PyTorch allocator-settings string of a named config.
+
+    PyTorch resets max_split_size_mb, garbage_collection_threshold and
+    roundup_power2_divisions to their defaults on every call that does not name them, so
+    one call with the whole config both sets and unsets.
+    """
+    s = ALLOCATOR_MODES[name]
+    parts = [f"expandable_segments:{'True' if s['expandable_segments'] else 'False'}"]
+    if s["max_split_size_mb"] is not None:
+        parts.append(f"max_split_size_mb:{s['max_split_size_mb']}")
+    if s["garbage_collection_threshold"] is not None:
+        parts.append(f"garbage_collection_threshold:{s['garbage_collection_threshold']}")
+    return ",".join(parts)
+
+
+def apply_allocator(name: str) -> tuple[float, str]:
+    """Set the CUDA caching allocator to the named config at run time: (ms, why refused or '').
+
+    Tries `torch._C._accelerator_setAllocatorSettings` (the current name), else the
+    deprecated `torch.cuda.memory._set_allocator_settings`. New settings act on segments
+    made from then on; segments already cached keep their kind until emptied.
+    """
+    settings = allocator_settings_string(name)
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings
+    t0 = time.perf_counter()
+    try:
+        setter(settings)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        return (time.perf_counter() - t0) * 1e3, f"{settings!r} refused: {str(exc).splitlines()[0][:160]}"
+    return (time.perf_counter() - t0) * 1e3, ""
+
+
+class TorchExecutor:
+    """Runs the scheduler's batches on a seeded random-weight transformer."""
+
+    def __init__(
+        self,
+        model_name: str = "tiny",
+        device: str = "auto",
+        max_slots: int = 64,
+        max_context: int | None = None,
+        seed: int = 0,
+        memory_cap_bytes: int | None = None,
+        full_stats_every: int = 16,
+        knobs: Knobs | None = None,
+    ) -> None:
+        self.cfg = model_config(model_name)
+        self.device = resolve_device(device)
+        self.device_type = self.device.type
+        self._cuda = self.device_type == "cuda"
+        if max_slots < 1:
+            raise ValueError(f"max_slots must be >= 1, got {max_slots}")
+        ctx = self.cfg.max_context if max_context is None else int(max_context)
+        if not 1 <= ctx <= self.cfg.max_context:
+            raise ValueError(f"max_context must be in [1, {self.cfg.max_context}] for {model_name!r}, got {ctx}")
+        if full_stats_every < 1:
+            raise ValueError(f"full_stats_every must be >= 1, got {full_stats_every}")
+        self.capacity = Capacity(max_slots=max_slots, max_context=ctx)
+        self.memory_cap_bytes = int(memory_cap_bytes) if memory_cap_bytes else None
+        self.full_stats_every = full_stats_every
+        self._knobs = knobs or Knobs()
+        self._precision = self._knobs.precision
+        self._attention = self._knobs.attention
+        self._graphs_on = self._knobs.cuda_graphs and self._cuda
+        self._allocator = "default"
+
+        # fp32 master weights in host memory, one flat buffer (pinned on CUDA): a precision
+        # change copies it to the device in one allocation, casts each parameter out of it
+        # and frees it whole, so no half-used segment is left behind.
+        self.model = DecoderLM(self.cfg, seed)
+        params = list(self.model.named_parameters())
+        self._master = torch.cat([p.detach().reshape(-1) for _, p in params])
+        if self._cuda:
+            self._master = self._master.pin_memory()
+        self._master_index: list[tuple[str, int, int, torch.Size]] = []
+        off = 0
+        for name, p in params:
+            self._master_index.append((name, off, p.numel(), p.shape))
+            off += p.numel()
+        self.scratch_slot = max_slots  # padding rows of a captured graph write here
+        with torch.no_grad():
+            self._load_weights(self._working_dtype(self._precision))
+            self.cache = self.model.new_cache(max_slots + 1, ctx)
+            self._next_tok = torch.zeros(max_slots + 1, dtype=torch.long, device=self.device)
+            self._arange = torch.arange(max_slots + 1, device=self.device)
+        self._tok_gen = torch.Generator(device=self.device).manual_seed(seed)
+
+        # slot bookkeeping: slot i holds request _rids[i] with _lens[i] cached positions
+        self._rids: list[int] = []
+        self._lens: list[int] = []
+        self._slot_of: dict[int, int] = {}
+
+        self._graphs: dict[int, _Graph] = {}
+        self.capture_ms: dict[int, float] = {}
+        self.graph_bytes: dict[int, int] = {}
+        self._pending: dict[str, float] = {}
+        self._probe_cache: dict[tuple[str, torch.dtype, bool], tuple[str, str]] = {}
+        self.effective_kernels: dict[str, str] = {}
+        self._kernel_notes: dict[str, str] = {}
+        self._alloc_notes: dict[str, str] = {}
+        self._set_tf32(self._precision)
+        self._resolve_kernels()
+
+        self._inject = 0
+        self._ooms = 0
+        self._last_transient = 0
+        self._mem_calls = 0
+        self._last_full: dict[str, int] = dict.fromkeys(
+            ("reserved", "allocated", "fragmentation", "retries", "ooms"), 0
+        )
+        self._outside = 0
+        if self._cuda:
+            if self.memory_cap_bytes:
+                total = torch.cuda.mem_get_info(self.device)[1]
+                torch.cuda.set_per_process_memory_fraction(min(1.0, self.memory_cap_bytes / total), self.device)
+            if self._knobs.allocator != "default":
+                self.set_allocator(self._knobs.allocator)
+            torch.cuda.synchronize(self.device)
+            free, total = torch.cuda.mem_get_info(self.device)
+            # bytes held outside this process's caching allocator (CUDA context, other processes)
+            self._outside = max(0, total - free - torch.cuda.memory_reserved(self.device))
+            self._full_stats()
+
+    # -- introspection ----------------------------------------------------------------
+    @property
+    def knobs(self) -> Knobs:
+        return self._knobs
+
+    @property
+    def slots(self) -> dict[int, int]:
+        """rid -> KV slot of every running sequence (a copy)."""
+        return dict(self._slot_of)
+
+    def context_of(self, rid: int) -> int:
+        """Positions cached for `rid` (0 if it holds no slot)."""
+        s = self._slot_of.get(rid)
+        return 0 if s is None else self._lens[s]
+
+    def last_tokens(self) -> dict[int, int]:
+        """rid -> the token each running sequence feeds to its next decode step (syncs)."""
+        ids = self._next_tok[: len(self._rids)].tolist()
+        return {rid: ids[s] for s, rid in enumerate(self._rids)}
+
+    @property
+    def weight_bytes(self) -> int:
+        return self._weight_bytes
+
+    def kv_bytes_per_token(self) -> int:
+        return self.cache.bytes_per_token()
+
+    def take_pending_switch_ms(self) -> dict[str, float]:
+        """Costs of lazy switches (CUDA graph captures) since the last call.
+
+        For reporting only: each is already inside the `StepResult.ms` of the step that
+        captured, the way the simulator charges it.
+        """
+        out, self._pending = self._pending, {}
+        return out
+
+    def inject_oom_next(self, n: int = 1) -> None:
+        """Make the next `n` executions fail as out of memory (for tests and drills)."""
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        self._inject += n
+
+    # -- knobs ------------------------------------------------------------------------
+    def apply_knobs(self, old: Knobs | None, new: Knobs) -> SwitchReport:
+        """Switch from the knobs in force (the executor's own record; `old` is advisory)."""
+        cur = self._knobs
+        report = SwitchReport()
+        report.changed = [f for f in _KNOB_FIELDS if f != "reclaim" and getattr(cur, f) != getattr(new, f)]
+        if new.reclaim:
+            report.changed.append("reclaim")
+        cost = report.cost_ms
+        if "precision" in report.changed:
+            cost["precision"] = self.set_precision(new.precision)
+        if "attention" in report.changed:
+            cost["attention"] = self.set_attention(new.attention)
+        if "cuda_graphs" in report.changed:
+            ms = self.set_cuda_graphs(new.cuda_graphs)
+            if ms is not None:
+                cost["cuda_graphs"] = ms
+        if "allocator" in report.changed:
+            ms = self.set_allocator(new.allocator)
+            if ms is not None:
+                cost["allocator"] = ms
+        if new.reclaim:
+            ms = self.reclaim()
+            if ms is not None:
+                cost["reclaim"] = ms
+        na = not_applicable(new, self.device_type)
+        for key, why in {**self._kernel_notes, **self._alloc_notes}.items():
+            na.setdefault(key, why)
+        report.not_applicable = na
+        report.ms = float(sum(cost.values()))
+        self._knobs = new.replace(reclaim=False) if new.reclaim else new
+        return report
+
+    def _working_dtype(self, precision: str) -> torch.dtype:
+        return DTYPES[precision]
+
+    @torch.no_grad()
+    def _load_weights(self, dtype: torch.dtype) -> None:
+        params = dict(self.model.named_parameters())
+        src = self._master.to(self.device, non_blocking=True)  # the CPU: the master itself
+        for name, off, n, shape in self._master_index:
+            # fp32: a view of `src` (which then stays alive as the weights); else a cast copy
+            params[name].data = src[off : off + n].view(shape).to(dtype)
+        del src
+        self._weight_bytes = self.model.weight_bytes()
+
+    def _set_tf32(self, precision: str) -> None:
+        if self._cuda:  # TF32 is a CUDA matmul mode; the CPU runs plain fp32
+            torch.set_float32_matmul_precision("high" if precision == "fp32_tf32" else "highest")
+
+    def set_precision(self, precision: str) -> float:
+        """Cast the working weights (from the fp32 master) and the KV cache; returns ms.
+
+        Running sequences keep their KV: the cache's contents are cast, not dropped.
+        """
+        if precision not in DTYPES:
+            raise ValueError(f"precision must be one of {list(DTYPES)}, got {precision!r}")
+        t0 = self._now()
+        dtype = self._working_dtype(precision)
+        with torch.inference_mode(False), torch.no_grad():
+            self._load_weights(dtype)
+            self.cache.to_dtype(dtype)
+        if self._cuda:  # give back the old weights' and KV's segments (each freed whole)
+            torch.cuda.empty_cache()
+        self._set_tf32(precision)
+        self._precision = precision
+        self._drop_graphs()
+        self._resolve_kernels()
+        return self._since(t0)
+
+    def set_attention(self, attention: str) -> float:
+        if attention not in SDPA_BACKENDS:
+            raise ValueError(f"attention must be one of {list(SDPA_BACKENDS)}, got {attention!r}")
+        t0 = self._now()
+        self._attention = attention
+        self._drop_graphs()
+        self._resolve_kernels()
+        return self._since(t0)
+
+    def set_cuda_graphs(self, on: bool) -> float | None:
+        """Graphs are captured lazily at the first decode of each bucket; None on the CPU."""
+        if not self._cuda:
+            return None
+        t0 = self._now()
+        self._graphs_on = bool(on)
+        if not on:
+            self._drop_graphs()
+        return self._since(t0)
+
+    def set_allocator(self, name: str) -> float | None:
+        """Reconfigure the CUDA caching allocator at run time; None on the CPU.
+
+        A setting PyTorch refuses is reported under not_applicable['allocator'].
+        """
+        if name not in ALLOCATOR_MODES:
+            raise ValueError(f"allocator must be one of {list(ALLOCATOR_MODES)}, got {name!r}")
+        if not self._cuda:
+            return None
+        ms, notes = apply_allocator(name)
+        self._allocator = name
+        self._alloc_notes = {"allocator": notes} if notes else {}
+        return ms
+
+    def reclaim(self) -> float | None:
+        """Empty the CUDA allocator's cache; None on the CPU."""
+        if not self._cuda:
+            return None
+        t0 = self._now()
+        torch.cuda.empty_cache()
+        return self._since(t0)
+
+    def _resolve_kernels(self) -> None:
+        dtype = self._working_dtype(self._precision)
+        hd = self.cfg.head_dim
+        out: dict[str, str] = {}
+        notes: dict[str, str] = {}
+        for part, masked in (("prefill", False), ("decode", True)):
+            key = (self._attention, dtype, masked)
+            if key not in self._probe_cache:
+                self._probe_cache[key] = resolve_kernel(self._attention, self.device, dtype, hd, masked)
+            kernel, why = self._probe_cache[key]
+            out[part] = kernel
+            if why:
+                notes[f"attention.{part}"] = why
+        self.model.prefill_backends = [SDPA_BACKENDS[out["prefill"]]]
+        self.model.decode_backends = [SDPA_BACKENDS[out["decode"]]]
+        self.effective_kernels = out
+        self._kernel_notes = notes
+
+    def _drop_graphs(self) -> None:
+        if self._graphs:
+            self._graphs.clear()
+            if self._cuda:
+                torch.cuda.synchronize(self.device)
+
+    # -- execution --------------------------------------------------------------------
+    def execute(self, batch: Batch) -> StepResult:
+        if batch.empty:
+            return StepResult(ms=0.0)
+        self._check_batch(batch)
+        t0 = self._now()
+        try:
+            if self._inject > 0:
+                self._inject -= 1
+                raise _oom("out of memory (injected by inject_oom_next)")
+            self._check_cap(batch)
+            with torch.inference_mode():
+                # prefill first: if it fails, the decode has not run (nothing to undo); if
+                # the decode fails, its state is updated only after success
+                if batch.prefill:
+                    self._prefill_requests(batch.prefill)
+                if batch.decode:
+                    self._decode_requests(batch.decode)
+                if self._cuda:
+                    torch.cuda.synchronize(self.device)
+        except OOM_ERRORS as exc:
+            self._ooms += 1
+            self.release(batch.prefill)  # no slot kept; decode requests keep theirs
+            if self._cuda:
+                torch.cuda.empty_cache()
+            return StepResult(ms=self._since(t0), oom=True, error=str(exc).splitlines()[0][:200])
+        return StepResult(ms=self._since(t0))
+
+    def _check_batch(self, batch: Batch) -> None:
+        cap = self.capacity
+        dec = {r.rid for r in batch.decode}
+        for r in batch.decode:
+            s = self._slot_of.get(r.rid)
+            if s is None:
+                raise ValueError(f"request {r.rid} is in batch.decode but holds no KV slot (prefill it first)")
+            if self._lens[s] >= cap.max_context:
+                raise ValueError(f"request {r.rid} would decode at position {self._lens[s]} >= max_context")
+        new = 0
+        for r in batch.prefill:
+            if r.rid in dec:
+                raise ValueError(f"request {r.rid} is in both batch.prefill and batch.decode")
+            if not 1 <= r.context_len <= cap.max_context:
+                raise ValueError(f"request {r.rid}: context {r.context_len} tokens is outside [1, {cap.max_context}]")
+            new += r.rid not in self._slot_of
+        if len(self._rids) + new > cap.max_slots:
+            raise ValueError(
+                f"batch needs {len(self._rids) + new} KV slots, the executor has {cap.max_slots} "
+                "(the scheduler must respect capacity.max_slots)"
+            )
+
+    def _need_bytes(self, batch: Batch) -> int:
+        """Estimated bytes this batch needs: weights + KV in use after it + activations."""
+        elem = self.cache.k.element_size()
+        pre = {r.rid for r in batch.prefill}
+        held = sum(n for rid, n in zip(self._rids, self._lens, strict=True) if rid not in pre)
+        kv_tokens = held + sum(r.context_len for r in batch.prefill) + len(batch.decode)
+        transient = 0
+        if batch.prefill:
+            lmax = max(r.context_len for r in batch.prefill)
+            kernel = self.effective_kernels["prefill"]
+            transient = transient_bytes(self.cfg, len(batch.prefill), lmax, elem, kernel)
+        if batch.decode:
+            ctx = round_ctx(max(self.context_of(r.rid) for r in batch.decode) + 1, self.capacity.max_context)
+            kernel = self.effective_kernels["decode"]
+            transient = max(transient, transient_bytes(self.cfg, len(batch.decode), ctx, elem, kernel, decode=True))
+        self._last_transient = transient
+        return self.weight_bytes + kv_tokens * self.cache.bytes_per_token() + transient
+
+    def _check_cap(self, batch: Batch) -> None:
+        need = self._need_bytes(batch)
+        if not self._cuda and self.memory_cap_bytes and need > self.memory_cap_bytes:
+            raise _oom(f"out of memory (simulated cap): needs {need} bytes > cap {self.memory_cap_bytes}")
+
+    def _prefill_requests(self, reqs: list[Request]) -> None:
+        slots: list[int] = []
+        for r in reqs:
+            s = self._slot_of.get(r.rid)
+            if s is None:
+                s = len(self._rids)
+                self._rids.append(r.rid)
+                self._lens.append(0)
+                self._slot_of[r.rid] = s
+            slots.append(s)
+        lengths = [r.context_len for r in reqs]
+        self._run_prefill(slots, lengths)
+        for s, n in zip(slots, lengths, strict=True):
+            self._lens[s] = n
+
+    def _run_prefill(self, slots: list[int], lengths: list[int]) -> None:
+        dev = self.device
+        tokens = torch.randint(
+            self.cfg.vocab, (len(slots), max(lengths)), generator=self._tok_gen, device=dev, dtype=torch.long
+        )
+        slot_t = torch.tensor(slots, device=dev)
+        ids = self.model.prefill(tokens, torch.tensor(lengths, device=dev), slot_t, self.cache)
+        self._next_tok[slot_t] = ids
+
+    def _decode_requests(self, reqs: list[Request]) -> None:
+        n = len(reqs)
+        self._arrange_front(reqs)
+        self._run_decode(n, self._lens[:n])
+        for s in range(n):
+            self._lens[s] += 1
+
+    def _run_decode(self, n: int, positions: list[int]) -> float | None:
+        """One decode step over slots 0..n-1; returns the capture ms if a graph was captured."""
+        if self._graphs_on:
+            return self._decode_graph(n, positions)
+        ctx = round_ctx(max(positions) + 1, self.capacity.max_context)
+        pos = torch.tensor(positions, device=self.device)
+        ids = self.model.decode_step(self._next_tok[:n], pos, self.cache, ctx=ctx, write_slots=self._arange[:n])
+        self._next_tok[:n] = ids
+        return None
+
+    def _bucket(self, n: int) -> int:
+        return min(1 << max(0, (n - 1).bit_length()), self.capacity.max_slots)
+
+    def _decode_graph(self, n: int, positions: list[int]) -> float | None:
+        b = self._bucket(n)
+        host = list(positions) + [0] * (b - n) + list(range(n)) + [self.scratch_slot] * (b - n)
+        captured = None
+        g = self._graphs.get(b)
+        if g is None:
+            g, captured = self._capture(b, n, host)
+        else:
+            g.io.copy_(torch.tensor(host, device=self.device).view(2, b))
+            g.tokens[:n].copy_(self._next_tok[:n])
+        g.graph.replay()
+        self._next_tok[:n].copy_(g.out[:n])
+        return captured
+
+    def _capture(self, b: int, n: int, host: list[int]) -> tuple[_Graph, float]:
+        """Capture the decode step for bucket `b` over the full max_context, with the mask."""
+        dev = self.device
+        torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        before = torch.cuda.memory_allocated(dev)
+        io = torch.tensor(host, device=dev).view(2, b)
+        tokens = torch.zeros(b, dtype=torch.long, device=dev)
+        tokens[:n].copy_(self._next_tok[:n])
+        ctx = self.capacity.max_context
+
+        def step() -> torch.Tensor:
+            return self.model.decode_step(tokens, io[0], self.cache, ctx=ctx, write_slots=io[1])
+
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):  # warm-ups: rewrite the same K/V, so idempotent
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        torch.cuda.synchronize(dev)
+        ms = (time.perf_counter() - t0) * 1e3
+        entry = _Graph(graph, tokens, io, out)
+        self._graphs[b] = entry
+        self.capture_ms[b] = ms
+        self.graph_bytes[b] = torch.cuda.memory_allocated(dev) - before
+        self._pending["cuda_graphs"] = self._pending.get("cuda_graphs", 0.0) + ms
+        return entry, ms
+
+    def _arrange_front(self, reqs: list[Request]) -> None:
+        """Make the decode set occupy slots 0..n-1 (a no-op when it is every running request)."""
+        n = len(reqs)
+        want = {r.rid for r in reqs}
+        outside = [self._slot_of[r.rid] for r in reqs if self._slot_of[r.rid] >= n]
+        if not outside:
+            return
+        free = [s for s in range(n) if self._rids[s] not in want]
+        for a, b in zip(outside, free, strict=True):
+            self._swap(a, b)
+
+    def _swap(self, a: int, b: int) -> None:
+        self.cache.swap(a, b, max(self._lens[a], self._lens[b]))
+        nt = self._next_tok
+        nt[a], nt[b] = nt[b].clone(), nt[a].clone()
+        ra, rb = self._rids[a], self._rids[b]
+        self._rids[a], self._rids[b] = rb, ra
+        self._lens[a], self._lens[b] = self._lens[b], self._lens[a]
+        self._slot_of[ra], self._slot_of[rb] = b, a
+
+    def release(self, requests: list[Request]) -> None:
+        """Free slots, moving the last occupied slot into each hole (one sequence copy)."""
+        with torch.inference_mode():
+            for r in requests:
+                s = self._slot_of.pop(r.rid, None)
+                if s is None:
+                    continue
+                last = len(self._rids) - 1
+                if s != last:
+                    self.cache.move(last, s, self._lens[last])
+                    self._next_tok[s] = self._next_tok[last]
+                    moved = self._rids[last]
+                    self._rids[s] = moved
+                    self._lens[s] = self._lens[last]
+                    self._slot_of[moved] = s
+                self._rids.pop()
+                self._lens.pop()
+
+    # -- calibration hooks ------------------------------------------------------------
+    def time_prefill(self, batch: int, length: int) -> float:
+        """ms of one prefill of `batch` random prompts of `length` tokens into slots 0..B-1.
+
+        The same code path as `execute`; needs an executor with no running sequences.
+        """
+        self._check_bench(batch, length)
+        t0 = self._now()
+        with torch.inference_mode():
+            self._run_prefill(list(range(batch)), [length] * batch)
+        return self._since(t0)
+
+    def time_decode(self, batch: int, context: int) -> tuple[float, float | None]:
+        """(ms, capture ms or None) of one decode step of `batch` sequences at `context`.
+
+        Every row decodes at position context-1 (a static cache of `context` positions);
+        with graphs on, the bucket's first call captures (capture time not in ms).
+        """
+        self._check_bench(batch, context)
+        with torch.inference_mode():
+            if self._graphs_on and self._bucket(batch) not in self._graphs:
+                self._run_decode(batch, [context - 1] * batch)  # capture, untimed
+                captured: float | None = self.capture_ms[self._bucket(batch)]
+            else:
+                captured = None
+            t0 = self._now()
+            self._run_decode(batch, [context - 1] * batch)
+            return self._since(t0), captured
+
+    def _check_bench(self, batch: int, length: int) -> None:
+        if self._rids:
+            raise RuntimeError("time_prefill/time_decode need an executor with no running sequences")
+        if not 1 <= batch <= self.capacity.max_slots:
+            raise ValueError(f"batch {batch} is outside [1, max_slots={self.capacity.max_slots}]")
+        if not 1 <= length <= self.capacity.max_context:
+            raise ValueError(f"length {length} is outside [1, max_context={self.capacity.max_context}]")
+
+    # -- memory -----------------------------------------------------------------------
+    def _full_stats(self) -> None:
+        st = torch.cuda.memory_stats(self.device)
+        self._last_full = {
+            "reserved": int(st.get("reserved_bytes.all.current", 0)),
+            "allocated": int(st.get("allocated_bytes.all.current", 0)),
+            "fragmentation": int(st.get("inactive_split_bytes.all.current", 0)),
+            "retries": int(st.get("num_alloc_retries", 0)),
+            "ooms": int(st.get("num_ooms", 0)),
+        }
+
+    def memory(self, full: bool) -> MemoryReading:
+        """CUDA: `mem_get_info` always (~9 us), `memory_stats` when `full` or when
+        `full_stats_every` readings passed without one.
+
+        used = device bytes in use minus those held outside this process's allocator at
+        start (CUDA context, other processes); capacity = memory_cap_bytes or the rest.
+        CPU: used = weights + KV in use + the last batch's activation estimate (what the
+        simulated cap is checked against); reserved = weights + the whole preallocated KV
+        cache + activations; capacity = memory_cap_bytes or 2 x (weights + KV cache).
+        """
+        self._mem_calls += 1
+        if self._cuda:
+            free, total = torch.cuda.mem_get_info(self.device)
+            read_full = full or self._mem_calls >= self.full_stats_every
+            if read_full:
+                self._full_stats()
+                self._mem_calls = 0
+            lf = self._last_full
+            return MemoryReading(
+                used_bytes=max(0, total - free - self._outside),
+                capacity_bytes=self.memory_cap_bytes or max(1, total - self._outside),
+                reserved_bytes=lf["reserved"],
+                allocated_bytes=lf["allocated"],
+                fragmentation_bytes=lf["fragmentation"],
+                retries=lf["retries"],
+                ooms=max(lf["ooms"], self._ooms),
+                full=read_full,
+            )
+        weights = self.weight_bytes
+        kv_used = sum(self._lens) * self.cache.bytes_per_token()
+        used = weights + kv_used + self._last_transient
+        return MemoryReading(
+            used_bytes=used,
+            capacity_bytes=self.memory_cap_bytes or 2 * (weights + self.cache.nbytes),
+            reserved_bytes=weights + self.cache.nbytes + self._last_transient,
+            allocated_bytes=used,
+            fragmentation_bytes=0,
+            retries=0,
+            ooms=self._ooms,
+            full=full,
+        )
+
+    # -- timing -----------------------------------------------------------------------
+    def _now(self) -> float:
+        if self._cuda:
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _since(self, t0: float) -> float:
+        if self._cuda:
+            torch.cuda.synchronize(self.device)
+        return (time.perf_counter() - t0) * 1e3

@@ -1,0 +1,271 @@
+"""InferenceTuning-v0: tune a serving engine's knobs against its live workload.
+
+The environment wraps the engine of `autoopt.engine` (``backend="live"``: the real torch
+model; ``backend="sim"``: the same scheduler over an executor calibrated from a profile)
+replaying a request trace. Each step applies one knob setting and runs
+`iterations_per_step` engine iterations under it (1 = every engine iteration, as the
+embedded runtime policy runs).
+
+## Observation space
+`Box(low, high, (32,), float32)`, built by `autoopt.engine.features.ObservationBuilder`
+(the same builder the engine's embedded policy uses). Non-finite telemetry is replaced by
+the feature's neutral value and counted in ``info["nonfinite_obs"]``.
+
+| # | feature | meaning, unit, normalisation | bounds |
+|---|---------|------------------------------|--------|
+| 0 | queue_len | waiting requests, log1p(n)/log1p(1024) | [0, 2] |
+| 1 | queued_tokens | prompt tokens waiting, log1p(n)/log1p(1e6) | [0, 2] |
+| 2 | arrival_rate_short | arrivals/s, 5 s moving average, log1p(r)/log1p(100) | [0, 2] |
+| 3 | arrival_rate_long | arrivals/s, 60 s moving average, same scale | [0, 2] |
+| 4 | running_frac | running sequences / KV-cache slots | [0, 1] |
+| 5 | head_wait_vs_ttft | age of the oldest waiting request / TTFT SLO, log2 ratio / 4 | [-1, 1] |
+| 6 | ttft_vs_slo | recent TTFT / TTFT SLO, log2 ratio / 4 | [-1, 1] |
+| 7 | tpot_vs_slo | recent TPOT / TPOT SLO, log2 ratio / 4 | [-1, 1] |
+| 8 | slo_attainment | recent share of requests meeting both SLOs | [0, 1] |
+| 9 | tokens_per_s | generated tokens/s, log1p(x)/log1p(1e6) | [0, 2] |
+| 10 | busy_frac | share of recent time spent executing | [0, 1] |
+| 11 | memory_headroom | free / capacity of device memory | [0, 1] |
+| 12 | fragmentation | inactive split bytes / capacity | [0, 1] |
+| 13 | recent_ooms | OOM events, moving average per iteration | [0, 1] |
+| 14 | recent_retries | allocator retries, moving average per iteration | [0, 1] |
+| 15 | oom_backoff | the scheduler's post-OOM shrink of the batch limits (1 = none) | [0, 1] |
+| 16-17 | knob_max_num_seqs, knob_max_batched_tokens | index / (n-1) in the table | [0, 1] |
+| 18-21 | knob_attention=flash/efficient/math/cudnn | one-hot | [0, 1] |
+| 22 | knob_cuda_graphs | 0/1 | [0, 1] |
+| 23-26 | knob_precision=bf16/fp16/fp32_tf32/fp32 | one-hot | [0, 1] |
+| 27-30 | knob_allocator=default/expandable/split128/gc08_split128 | one-hot | [0, 1] |
+| 31 | knob_reclaim | 0/1 (reclaim is one-shot, so 0 after it acts) | [0, 1] |
+
+## Action space
+`MultiDiscrete([7, 6, 4, 2, 4, 4, 2])` over the tables of `autoopt.engine.knob_space`:
+
+| head | knob | values |
+|------|------|--------|
+| 0 | max_num_seqs | 4, 8, 16, 32, 64, 128, 256 |
+| 1 | max_batched_tokens | 1024, 2048, 4096, 8192, 16384, 32768 |
+| 2 | attention | flash, efficient, math, cudnn |
+| 3 | cuda_graphs | off, on (decode step replayed from a captured graph) |
+| 4 | precision | bf16, fp16, fp32_tf32, fp32 |
+| 5 | allocator | default, expandable, split128, gc08_split128 |
+| 6 | reclaim | no, yes (`torch.cuda.empty_cache()` before the next iteration) |
+
+`action_masks()` returns the flat per-head mask MaskablePPO expects: values the device
+cannot run (CUDA graphs, efficient/cuDNN kernels, TF32, allocator settings on a CPU) and
+the kernel/precision rule against the knobs in force (flash and cuDNN need bf16/fp16).
+An invalid action is never an exception: it is mapped to the nearest valid knobs and
+listed in ``info["action_repairs"]``.
+
+## Reward
+Per engine iteration, summed over the step; every part is in ``info["reward_parts"]``:
+- ``goodput``: +1 per request finished within both SLOs (TTFT and TPOT);
+- ``demand``: -1 per arrival. Every arrival is a debt that only serving it within its
+  SLO repays, so a policy that serves everything on time earns 0 whatever the load or
+  the iteration length, and longer iterations buy no reward by themselves;
+- ``slo_miss``: -0.5 per request finished late;
+- ``rejected``: -1 per request rejected (after repeated OOMs: a lost request);
+- ``oom``: -0.5 per OOM event;
+- ``switch``: -1 per 100 ms of knob-switch cost (graph captures, precision changes).
+The sum over an episode is (met - arrived) minus the penalties, a per-request scale at
+which PPO's defaults behave.
+
+## Episode end
+- terminated: every request of the episode's trace window has arrived and left the engine.
+- truncated: `episode_steps` steps have run.
+
+## Randomisation
+At each reset the env's seeded generator draws the trace (`randomize["traces"]`), the
+load scale (`randomize["load_scale"]`: [low, high]), the memory cap in GiB
+(`randomize["memory_cap_gib"]`), the profile (`randomize["profiles"]`, sim only) and a
+window start inside the trace. The same seed and actions give the same trajectory (sim).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from ..engine.engine import Engine, EngineConfig
+from ..engine.features import FEATURE_NAMES, HIGH, LOW, ObservationBuilder
+from ..engine.knob_space import ACTION_DIMS, action_mask, decode_action, knobs_to_action
+from ..engine.knobs import Knobs
+from ..engine.telemetry import SLO
+from ..engine.traces import TraceError
+from .scenario import Scenario, build_executor, cached_trace, scenario_trace
+
+BACKENDS = ("sim", "live")
+REWARD_WEIGHTS = {"goodput": 1.0, "demand": 1.0, "slo_miss": 0.5, "rejected": 1.0, "oom": 0.5, "switch": 0.01}
+
+
+class InferenceTuningEnv(gym.Env):
+    metadata = {"render_modes": []}
+
+    def __init__(
+        self,
+        backend: str = "sim",
+        profile: str = "h100-gpt2-small",
+        model: str = "tiny",
+        device: str = "cpu",
+        trace: str = "azure-conv",
+        load_scale: float = 1.0,
+        slo_ttft_ms: float = 1000.0,
+        slo_tpot_ms: float = 100.0,
+        memory_cap_gib: float | None = None,
+        episode_steps: int = 1024,
+        iterations_per_step: int = 1,
+        window_s: float = 600.0,
+        max_slots: int = 256,
+        initial_knobs: dict[str, Any] | None = None,
+        randomize: dict[str, Any] | None = None,
+        noise: bool = False,
+    ) -> None:
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if episode_steps < 1 or iterations_per_step < 1:
+            raise ValueError("episode_steps and iterations_per_step must be >= 1")
+        if not (math.isfinite(load_scale) and load_scale > 0):
+            raise ValueError(f"load_scale must be a positive number, got {load_scale!r}")
+        if memory_cap_gib is not None and not (math.isfinite(memory_cap_gib) and memory_cap_gib > 0):
+            raise ValueError(f"memory_cap_gib must be a positive number of GiB, got {memory_cap_gib!r}")
+        self.backend = backend
+        self.profile_name = profile
+        self.model = model
+        self.device = device
+        self.slo = SLO(ttft_s=slo_ttft_ms / 1e3, tpot_s=slo_tpot_ms / 1e3)
+        self.episode_steps = episode_steps
+        self.iterations_per_step = iterations_per_step
+        self.window_s = window_s
+        self.max_slots = max_slots
+        self.noise = noise
+        self.initial_knobs = Knobs.from_dict(initial_knobs) if initial_knobs else Knobs()
+        self.randomize = _check_randomize(randomize or {})
+        self.base = {"trace": trace, "load_scale": load_scale, "memory_cap_gib": memory_cap_gib, "profile": profile}
+        # Fail at construction, not mid-training, on an unknown trace or profile.
+        for spec in [trace, *self.randomize.get("traces", [])]:
+            cached_trace(spec)
+        if backend == "sim":
+            from ..calibration.profile import load_profile
+
+            for name in [profile, *self.randomize.get("profiles", [])]:
+                load_profile(name)
+        self.features = ObservationBuilder()
+        self.observation_space = spaces.Box(LOW, HIGH, dtype=np.float32)
+        self.action_space = spaces.MultiDiscrete(np.array(ACTION_DIMS, dtype=np.int64))
+        self.feature_names = FEATURE_NAMES
+        self.engine: Engine | None = None
+        self.scenario: Scenario | None = None
+        self._steps = 0
+        self._device_type = "cpu"
+
+    # -- set-up -----------------------------------------------------------------------
+    def _draw_scenario(self) -> Scenario:
+        rng, r = self.np_random, self.randomize
+        trace = r["traces"][rng.integers(len(r["traces"]))] if r.get("traces") else self.base["trace"]
+        scale = float(rng.uniform(*r["load_scale"])) if "load_scale" in r else self.base["load_scale"]
+        cap = float(rng.uniform(*r["memory_cap_gib"])) if "memory_cap_gib" in r else self.base["memory_cap_gib"]
+        profile = r["profiles"][rng.integers(len(r["profiles"]))] if r.get("profiles") else self.base["profile"]
+        span = cached_trace(trace).duration_s / scale
+        start = float(rng.uniform(0.0, max(0.0, span - self.window_s)))
+        return Scenario(trace, scale, cap, profile, start, self.window_s)
+
+    def _build_engine(self, scenario: Scenario, seed: int) -> Engine:
+        executor = build_executor(
+            scenario,
+            self.backend,
+            seed=seed,
+            max_slots=self.max_slots,
+            model=self.model,
+            device=self.device,
+            noise=self.noise,
+        )
+        self._device_type = executor.device_type
+        knobs, _ = decode_action(knobs_to_action(self.initial_knobs), self._device_type)
+        requests = scenario_trace(scenario, executor.capacity.max_context).to_requests()
+        return Engine(executor, requests, knobs, EngineConfig(slo=self.slo))
+
+    # -- gymnasium API ----------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        self.scenario = self._draw_scenario()
+        engine_seed = int(self.np_random.integers(2**31 - 1))
+        self.engine = self._build_engine(self.scenario, engine_seed)
+        self._steps = 0
+        self.features.nonfinite = 0
+        return self.features.build(self.engine), self._info({}, [], 0)
+
+    def step(self, action):
+        if self.engine is None:
+            raise RuntimeError("call reset() before step()")
+        engine = self.engine
+        knobs, repairs = decode_action(action, self._device_type)
+        if knobs != engine.knobs:
+            engine.set_knobs(knobs)
+        parts = dict.fromkeys(REWARD_WEIGHTS, 0.0)
+        terminated = False
+        iterations = 0
+        for _ in range(self.iterations_per_step):
+            stats = engine.step()
+            if stats is None:
+                terminated = True
+                break
+            iterations += 1
+            parts["goodput"] += stats.finished_ok
+            parts["demand"] -= stats.arrivals
+            parts["slo_miss"] -= stats.finished - stats.finished_ok
+            parts["rejected"] -= stats.rejected
+            parts["oom"] -= float(stats.oom)
+            parts["switch"] -= stats.switch_ms
+        if engine.exhausted:
+            terminated = True
+        self._steps += 1
+        truncated = not terminated and self._steps >= self.episode_steps
+        reward = float(sum(REWARD_WEIGHTS[k] * v for k, v in parts.items()))
+        obs = self.features.build(engine)
+        return obs, reward, terminated, truncated, self._info(parts, repairs, iterations)
+
+    def action_masks(self) -> np.ndarray:
+        current = self.engine.knobs if self.engine is not None else None
+        return action_mask(self._device_type, current)
+
+    def _info(self, parts: dict[str, float], repairs: list[str], iterations: int) -> dict[str, Any]:
+        engine = self.engine
+        assert engine is not None and self.scenario is not None
+        tel = engine.telemetry
+        return {
+            "reward_parts": {k: REWARD_WEIGHTS[k] * v for k, v in parts.items()},
+            "action_repairs": repairs,
+            "counts": engine.counts(),
+            "now_s": engine.now_s,
+            "iterations": iterations,
+            "knobs": engine.knobs.to_dict(),
+            "not_applicable": dict(engine.not_applicable),
+            "ttft_avg_ms": tel.ttft_avg_s * 1e3,
+            "tpot_avg_ms": tel.tpot_avg_s * 1e3,
+            "slo_attainment": tel.slo_avg,
+            "ooms": tel.ooms,
+            "nonfinite_obs": self.features.nonfinite,
+            "scenario": self.scenario.__dict__,
+        }
+
+
+def _check_randomize(r: dict[str, Any]) -> dict[str, Any]:
+    known = {"traces", "load_scale", "memory_cap_gib", "profiles"}
+    unknown = set(r) - known
+    if unknown:
+        raise ValueError(f"unknown randomize key(s) {sorted(unknown)}; known: {sorted(known)}")
+    for key in ("load_scale", "memory_cap_gib"):
+        if key in r:
+            lo, hi = r[key]
+            if not (0 < lo <= hi and math.isfinite(hi)):
+                raise ValueError(f"randomize[{key!r}] must be [low, high] with 0 < low <= high, got {r[key]!r}")
+    for key in ("traces", "profiles"):
+        if key in r and (not isinstance(r[key], (list, tuple)) or not r[key]):
+            raise ValueError(f"randomize[{key!r}] must be a non-empty list")
+    return {k: list(v) for k, v in r.items()}
+
+
+__all__ = ["InferenceTuningEnv", "Scenario", "TraceError", "REWARD_WEIGHTS"]

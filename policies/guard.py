@@ -1,0 +1,100 @@
+"""The guard between a runtime policy and the engine: a bad policy never loses a request.
+
+Every iteration the guard builds the observation (the environment's own builder), asks
+the policy, and checks the answer before it reaches the engine:
+- the policy raised, returned NaN, the wrong shape or an index out of range, or the
+  observation was not finite -> the last good knobs (or the fallback config) are kept;
+- an action the masks forbid (a kernel the device lacks, flash in fp32) -> the same;
+- a costly switch (precision, CUDA graphs, attention kernel: they recast weights or
+  recapture graphs) is held back to at most `max_costly_switches_per_s`.
+Each fallback is counted with its reason; the scheduler's own accounting is untouched,
+so a failing policy can at worst leave the engine on a safe static config.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from ..engine.features import ObservationBuilder
+from ..engine.knob_space import ACTION_DIMS, action_mask, decode_action
+from ..engine.knobs import Knobs
+
+if TYPE_CHECKING:
+    from ..engine.engine import Engine
+
+COSTLY_KNOBS = ("precision", "cuda_graphs", "attention")
+
+
+class Policy(Protocol):
+    def act(self, obs: np.ndarray, mask: np.ndarray | None = None) -> Any: ...
+
+
+class GuardedPolicy:
+    """A controller for `Engine`: the policy's knobs, validated, rate-limited, with fallbacks."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        device_type: str,
+        fallback: Knobs | None = None,
+        max_costly_switches_per_s: float = 1.0,
+    ) -> None:
+        if not (max_costly_switches_per_s >= 0 and math.isfinite(max_costly_switches_per_s)):
+            raise ValueError("max_costly_switches_per_s must be a finite number >= 0")
+        self.policy = policy
+        self.device_type = device_type
+        self.fallback = fallback or Knobs()
+        self.min_costly_gap_s = math.inf if max_costly_switches_per_s == 0 else 1.0 / max_costly_switches_per_s
+        self.builder = ObservationBuilder()
+        self.last_good: Knobs | None = None
+        self.fallbacks = 0
+        self.held_switches = 0
+        self.reasons: Counter[str] = Counter()
+        self._last_costly_s = -math.inf
+        self._dims = np.array(ACTION_DIMS)
+
+    def _fall_back(self, engine: Engine, reason: str) -> Knobs:
+        self.fallbacks += 1
+        self.reasons[reason] += 1
+        engine.telemetry.fallbacks += 1
+        return self.last_good or self.fallback
+
+    def __call__(self, engine: Engine) -> Knobs:
+        nonfinite = self.builder.nonfinite
+        obs = self.builder.build(engine)
+        if self.builder.nonfinite != nonfinite:
+            return self._fall_back(engine, "observation not finite")
+        mask = action_mask(self.device_type, engine.knobs)
+        try:
+            raw = self.policy.act(obs, mask)
+            action = np.asarray(raw, dtype=np.float64).reshape(-1)
+        except Exception as exc:  # a policy failure must never reach the engine
+            return self._fall_back(engine, f"policy raised {type(exc).__name__}")
+        if action.shape != self._dims.shape or not np.all(np.isfinite(action)):
+            return self._fall_back(engine, "action malformed or not finite")
+        if np.any(action != np.round(action)) or np.any(action < 0) or np.any(action >= self._dims):
+            return self._fall_back(engine, "action index out of range")
+        offsets = np.concatenate([[0], np.cumsum(self._dims)[:-1]])
+        if not mask[(offsets + action.astype(np.int64))].all():
+            return self._fall_back(engine, "action forbidden by the masks")
+        knobs, repairs = decode_action(action.astype(np.int64), self.device_type)
+        if repairs:
+            return self._fall_back(engine, "action invalid for the device")
+        knobs = self._rate_limit(engine, knobs)
+        self.last_good = knobs
+        return knobs
+
+    def _rate_limit(self, engine: Engine, knobs: Knobs) -> Knobs:
+        current = engine.knobs
+        costly = [k for k in COSTLY_KNOBS if getattr(knobs, k) != getattr(current, k)]
+        if not costly:
+            return knobs
+        if engine.now_s - self._last_costly_s >= self.min_costly_gap_s:
+            self._last_costly_s = engine.now_s
+            return knobs
+        self.held_switches += 1
+        return knobs.replace(**{k: getattr(current, k) for k in costly})

@@ -1,0 +1,118 @@
+"""The live engine (tiny model, CPU): no request lost, OOM recovery, both clocks, the replay CLI."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from autoopt.cli import main
+from autoopt.engine.engine import Engine, EngineConfig
+from autoopt.engine.knobs import Knobs
+from autoopt.engine.request import Request, RequestState
+from autoopt.engine.telemetry import SLO
+from autoopt.engine.torch_executor import TorchExecutor
+from autoopt.engine.traces import load_trace
+
+CPU_KNOBS = Knobs(attention="math", precision="fp32", max_num_seqs=16)
+
+
+def _requests(n: int, gap_s: float = 0.05, prompt: int = 24, output: int = 6) -> list[Request]:
+    return [Request(rid=i, arrival_s=i * gap_s, prompt_len=prompt + i % 7, output_len=output + i % 5) for i in range(n)]
+
+
+def _run_checking_balance(engine: Engine) -> dict:
+    def check(_stats):
+        c = engine.counts()
+        assert c["arrived"] == c["completed"] + c["queued"] + c["running"] + c["rejected"]
+
+    return engine.run(on_step=check)
+
+
+@pytest.fixture(scope="module")
+def executor_factory():
+    def make(**kw):
+        return TorchExecutor("tiny", device="cpu", max_slots=16, seed=0, **kw)
+
+    return make
+
+
+def test_every_request_completes_and_the_count_balances(executor_factory):
+    engine = Engine(executor_factory(), _requests(30), CPU_KNOBS)
+    report = _run_checking_balance(engine)
+    assert report["completed"] == report["arrived"] == 30
+    assert report["queued"] == report["running"] == report["rejected"] == 0
+    for r in engine.requests:
+        assert r.state == RequestState.DONE and r.generated == r.output_len
+        assert r.arrival_s <= r.first_token_s <= r.finish_s
+
+
+def test_injected_ooms_lose_nothing(executor_factory):
+    ex = executor_factory()
+    engine = Engine(ex, _requests(20, gap_s=0.0), CPU_KNOBS)
+    engine.step()
+    ex.inject_oom_next(3)
+    report = _run_checking_balance(engine)
+    assert report["ooms"] == 3
+    assert report["completed"] == 20 and report["rejected"] == 0
+
+
+def test_persistent_oom_rejects_with_a_reason_and_still_balances(executor_factory):
+    ex = executor_factory()
+    engine = Engine(ex, _requests(6, gap_s=0.0), CPU_KNOBS, EngineConfig(max_tries=2))
+    ex.inject_oom_next(1000)
+    report = _run_checking_balance(engine)
+    assert report["rejected"] == 6 and report["completed"] == 0
+    assert all("out of memory" in r.reject_reason for r in engine.requests)
+
+
+def test_memory_cap_causes_real_ooms_that_recover(executor_factory):
+    probe = executor_factory()
+    base = probe.memory(full=True).used_bytes
+    ex = executor_factory(memory_cap_bytes=int(base * 1.05) + 200_000)
+    engine = Engine(ex, _requests(24, gap_s=0.0, prompt=200, output=8), CPU_KNOBS.replace(max_num_seqs=16))
+    report = _run_checking_balance(engine)
+    assert report["ooms"] > 0
+    assert report["completed"] + report["rejected"] == 24
+
+
+def test_virtual_clock_skips_idle_time(executor_factory):
+    reqs = [Request(rid=i, arrival_s=i * 100.0, prompt_len=16, output_len=4) for i in range(5)]
+    engine = Engine(executor_factory(), reqs, CPU_KNOBS)
+    t0 = time.perf_counter()
+    report = engine.run()
+    assert time.perf_counter() - t0 < 60  # 400 s of trace, only the busy time is paid
+    assert engine.now_s >= 400.0 and report["completed"] == 5
+    # Each request starts when it arrives, not earlier: the clock follows the trace.
+    assert all(r.first_token_s >= r.arrival_s for r in engine.requests)
+    assert report["ttft_p99_ms"] < 1000
+
+
+def test_realtime_clock_waits_for_arrivals(executor_factory):
+    reqs = [Request(rid=i, arrival_s=0.2 * i, prompt_len=16, output_len=2) for i in range(4)]
+    engine = Engine(executor_factory(), reqs, CPU_KNOBS, EngineConfig(clock="realtime"))
+    t0 = time.perf_counter()
+    report = engine.run()
+    assert time.perf_counter() - t0 >= 0.6 and report["completed"] == 4
+
+
+def test_slo_attainment_counts_both_targets(executor_factory):
+    engine = Engine(executor_factory(), _requests(10), CPU_KNOBS, EngineConfig(slo=SLO(ttft_s=1e-9, tpot_s=10.0)))
+    report = engine.run()
+    assert report["completed"] == 10 and report["met_slo"] == 0 and report["goodput_rps"] == 0
+
+
+def test_replay_cli_on_the_shipped_azure_trace(tmp_path, capsys):
+    out = tmp_path / "report.json"
+    rc = main(["replay", "--trace", "azure-conv", "--model", "tiny", "--device", "cpu", "--duration", "20",
+               "--speedup", "1", "--slo-ttft-ms", "2000", "--slo-tpot-ms", "200", "--report", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["arrived"] == report["completed"] + report["queued"] + report["running"] + report["rejected"]
+    assert report["arrived"] == len(load_trace("azure-conv").window(0, 20))
+    assert report["goodput_rps"] > 0
+    for key in ("goodput_rps", "slo_attainment", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms",
+                "tokens_per_s", "ooms", "rejected", "knobs"):
+        assert key in report
+    assert "goodput" in capsys.readouterr().out

@@ -1,0 +1,289 @@
+"""TorchExecutor: the Executor protocol on a real (tiny) transformer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from autoopt.engine.executor import Batch, MemoryReading
+from autoopt.engine.knobs import Knobs
+from autoopt.engine.request import Request
+from autoopt.engine.torch_executor import TorchExecutor
+
+CUDA = torch.cuda.is_available()
+FP32 = Knobs(precision="fp32", attention="math")
+
+
+def reqs(lengths: list[int], start: int = 0, output_len: int = 8) -> list[Request]:
+    return [Request(rid=start + i, arrival_s=0.0, prompt_len=n, output_len=output_len) for i, n in enumerate(lengths)]
+
+
+def step(ex: TorchExecutor, prefill: list[Request], decode: list[Request]):
+    """Execute and account like the scheduler: one token each on success."""
+    res = ex.execute(Batch(list(prefill), list(decode)))
+    if not res.oom:
+        for r in [*prefill, *decode]:
+            r.generated += 1
+    return res
+
+
+def kv_of(ex: TorchExecutor, rid: int) -> torch.Tensor:
+    s, n = ex.slots[rid], ex.context_of(rid)
+    return ex.cache.k[:, s, :, :n].float().clone()
+
+
+def assert_compacted(ex: TorchExecutor) -> None:
+    assert sorted(ex.slots.values()) == list(range(len(ex.slots)))
+
+
+@pytest.fixture
+def ex() -> TorchExecutor:
+    return TorchExecutor("tiny", device="cpu", max_slots=8, seed=1, knobs=FP32)
+
+
+def test_protocol_attributes(ex: TorchExecutor) -> None:
+    assert ex.device_type == "cpu"
+    assert ex.capacity.max_slots == 8 and ex.capacity.max_context == 512
+    with pytest.raises(ValueError, match="max_context"):
+        TorchExecutor("tiny", device="cpu", max_context=4096)
+    with pytest.raises(ValueError, match="unknown model"):
+        TorchExecutor("nope", device="cpu")
+
+
+def test_knob_changes_are_reported_with_reasons(ex: TorchExecutor) -> None:
+    new = Knobs(precision="bf16", attention="efficient", cuda_graphs=True, allocator="expandable", reclaim=True)
+    rep = ex.apply_knobs(None, new)
+    assert set(rep.changed) == {"precision", "attention", "cuda_graphs", "allocator", "reclaim"}
+    assert "precision" in rep.cost_ms and "attention" in rep.cost_ms
+    for knob in ("cuda_graphs", "allocator", "reclaim"):  # nothing acted, nothing charged
+        assert knob not in rep.cost_ms
+        assert knob in rep.not_applicable
+    assert "CUDA" in rep.not_applicable["cuda_graphs"]
+    assert "flash" in rep.not_applicable["attention"]  # the CPU runs flash instead
+    assert ex.effective_kernels == {"prefill": "flash", "decode": "flash"}
+    assert rep.ms == pytest.approx(sum(rep.cost_ms.values()))
+    assert ex.knobs == new.replace(reclaim=False)
+    again = ex.apply_knobs(new, new.replace(reclaim=False))
+    assert again.changed == [] and again.cost_ms == {} and again.ms == 0.0
+    assert "cuda_graphs" in again.not_applicable  # still reported while the knob is set
+
+
+def test_precision_change_keeps_running_sequences_kv(ex: TorchExecutor) -> None:
+    rs = reqs([7, 20, 33])
+    step(ex, rs, [])
+    step(ex, [], rs)
+    before = {r.rid: kv_of(ex, r.rid) for r in rs}
+    slots, toks = ex.slots, ex.last_tokens()
+    rep = ex.apply_knobs(FP32, FP32.replace(precision="bf16"))
+    assert rep.changed == ["precision"] and "precision" in rep.cost_ms
+    assert ex.cache.k.dtype == torch.bfloat16 and ex.model.wte.weight.dtype == torch.bfloat16
+    assert ex.slots == slots and ex.last_tokens() == toks
+    for r in rs:
+        assert torch.equal(kv_of(ex, r.rid), before[r.rid].to(torch.bfloat16).float())
+    ctx = {r.rid: ex.context_of(r.rid) for r in rs}
+    assert not step(ex, [], rs).oom
+    assert all(ex.context_of(r.rid) == ctx[r.rid] + 1 for r in rs)
+
+
+def test_compaction_does_not_change_other_sequences() -> None:
+    """Two engines, same seed and prompts: one drops a middle sequence; the others' tokens agree."""
+    a = TorchExecutor("tiny", device="cpu", max_slots=4, seed=5, knobs=FP32)
+    b = TorchExecutor("tiny", device="cpu", max_slots=4, seed=5, knobs=FP32)
+    ra, rb = reqs([12, 40, 25]), reqs([12, 40, 25])
+    step(a, ra, [])
+    step(b, rb, [])
+    assert a.last_tokens() == b.last_tokens()
+    b.release([rb[1]])
+    assert b.slots == {0: 0, 2: 1}
+    assert_compacted(b)
+    for _ in range(4):
+        step(a, [], ra)
+        step(b, [], [rb[0], rb[2]])
+        ta, tb = a.last_tokens(), b.last_tokens()
+        assert (ta[0], ta[2]) == (tb[0], tb[2])
+    assert b.context_of(2) == 25 + 4
+
+
+def test_release_moves_last_slot_into_the_hole_and_is_idempotent(ex: TorchExecutor) -> None:
+    rs = reqs([5, 6, 7, 8])
+    step(ex, rs, [])
+    kv3, tok3 = kv_of(ex, 3), ex.last_tokens()[3]
+    ex.release([rs[1]])
+    assert ex.slots == {0: 0, 3: 1, 2: 2}
+    assert torch.equal(kv_of(ex, 3), kv3) and ex.last_tokens()[3] == tok3
+    ex.release([rs[1], Request(99, 0.0, 3, 3)])  # no slot: nothing happens
+    assert ex.slots == {0: 0, 3: 1, 2: 2}
+    ex.release([rs[3], rs[0], rs[2]])
+    assert ex.slots == {}
+
+
+def test_decode_of_a_subset_moves_it_to_the_front(ex: TorchExecutor) -> None:
+    rs = reqs([4, 9, 16, 25])
+    step(ex, rs, [])
+    kv3 = kv_of(ex, 3)
+    step(ex, [], [rs[0], rs[3]])
+    assert {ex.slots[0], ex.slots[3]} == {0, 1}
+    assert_compacted(ex)
+    assert ex.context_of(0) == 5 and ex.context_of(3) == 26
+    assert ex.context_of(1) == 9 and ex.context_of(2) == 16
+    assert torch.equal(kv_of(ex, 3)[:, :, :25], kv3)
+
+
+def test_preempted_request_reprefills_its_generated_tokens(ex: TorchExecutor) -> None:
+    r = Request(rid=1, arrival_s=0.0, prompt_len=10, output_len=9, generated=3)
+    step(ex, [r], [])
+    assert ex.context_of(1) == 13
+
+
+def test_injected_oom_returns_without_raising_and_keeps_slots(ex: TorchExecutor) -> None:
+    running = reqs([10, 11])
+    step(ex, running, [])
+    before = {r.rid: ex.context_of(r.rid) for r in running}
+    newcomer = reqs([30], start=10)
+    ex.inject_oom_next()
+    res = ex.execute(Batch(newcomer, running))
+    assert res.oom and "inject" in res.error
+    assert 10 not in ex.slots  # no slot kept for the prefill of that batch
+    assert {r.rid: ex.context_of(r.rid) for r in running} == before  # decode keeps its slots
+    assert_compacted(ex)
+    assert ex.memory(full=True).ooms == 1
+    ok = step(ex, newcomer, running)
+    assert not ok.oom and ex.context_of(10) == 30
+    assert ex.context_of(0) == before[0] + 1
+    ex.inject_oom_next(2)
+    assert ex.execute(Batch([], running)).oom and ex.execute(Batch([], running)).oom
+    assert not ex.execute(Batch([], running)).oom
+
+
+def test_simulated_memory_cap_on_cpu() -> None:
+    probe = TorchExecutor("tiny", device="cpu", max_slots=8, knobs=FP32)
+    cap = probe.weight_bytes + 300_000
+    ex = TorchExecutor("tiny", device="cpu", max_slots=8, memory_cap_bytes=cap, knobs=FP32)
+    small = reqs([16])
+    assert not step(ex, small, []).oom
+    big = reqs([256] * 4, start=1)  # ~1 MB of KV: over the cap
+    res = ex.execute(Batch(big, small))
+    assert res.oom and "simulated cap" in res.error
+    assert set(ex.slots) == {0}
+    mem = ex.memory(full=False)
+    assert mem.capacity_bytes == cap and mem.ooms == 1
+
+
+def test_memory_reading_cpu(ex: TorchExecutor) -> None:
+    m0 = ex.memory(full=True)
+    assert isinstance(m0, MemoryReading) and m0.full
+    assert m0.capacity_bytes == 2 * (ex.weight_bytes + ex.cache.nbytes)
+    assert m0.fragmentation_bytes == 0 and m0.retries == 0 and m0.ooms == 0
+    step(ex, reqs([100, 200]), [])
+    m1 = ex.memory(full=False)
+    assert not m1.full
+    assert m1.used_bytes >= ex.weight_bytes + 300 * ex.kv_bytes_per_token() > m0.used_bytes
+    assert m1.reserved_bytes >= m1.used_bytes
+    assert 0.0 < m1.headroom_frac < 1.0
+
+
+def test_protocol_violations_are_clear_errors(ex: TorchExecutor) -> None:
+    with pytest.raises(ValueError, match="holds no KV slot"):
+        ex.execute(Batch([], reqs([5])))
+    with pytest.raises(ValueError, match="KV slots"):
+        ex.execute(Batch(reqs([5] * 9), []))
+    with pytest.raises(ValueError, match="outside"):
+        ex.execute(Batch(reqs([513]), []))
+    assert ex.slots == {}
+    assert ex.execute(Batch([], [])).ms == 0.0
+
+
+def test_engine_serves_every_request_on_the_torch_executor() -> None:
+    from autoopt.engine.engine import Engine
+
+    ex = TorchExecutor("tiny", device="cpu", max_slots=4, knobs=FP32)
+    rs = [Request(rid=i, arrival_s=0.001 * i, prompt_len=8 + 5 * i, output_len=3 + i % 4) for i in range(10)]
+    eng = Engine(ex, rs, knobs=FP32.replace(max_num_seqs=4))
+    eng.run(max_iterations=200)
+    assert eng.scheduler.completed == 10 and eng.scheduler.balanced()
+    assert ex.slots == {}
+
+
+# -- CUDA only (run on a GPU machine) --------------------------------------------------
+cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+
+@cuda_only
+def test_cuda_graph_decode_matches_eager() -> None:
+    knobs = Knobs(precision="fp32", attention="efficient")
+    eager = TorchExecutor("tiny", device="cuda", max_slots=8, seed=2, knobs=knobs)
+    graph = TorchExecutor("tiny", device="cuda", max_slots=8, seed=2, knobs=knobs)
+    rep = graph.apply_knobs(knobs, knobs.replace(cuda_graphs=True))
+    assert rep.changed == ["cuda_graphs"] and "cuda_graphs" not in rep.not_applicable
+    re_, rg = reqs([9, 30, 17]), reqs([9, 30, 17])
+    step(eager, re_, [])
+    step(graph, rg, [])
+    for i in range(5):
+        step(eager, [], re_)
+        step(graph, [], rg)
+        assert eager.last_tokens() == graph.last_tokens()
+        if i == 1:
+            eager.release([re_[1]])
+            graph.release([rg[1]])
+            re_, rg = [re_[0], re_[2]], [rg[0], rg[2]]
+    pending = graph.take_pending_switch_ms()
+    assert pending["cuda_graphs"] > 0 and set(graph.capture_ms) == {2, 4}
+    assert graph.take_pending_switch_ms() == {}
+    rep = graph.apply_knobs(knobs.replace(cuda_graphs=True), knobs.replace(cuda_graphs=True, precision="bf16"))
+    assert graph._graphs == {}  # invalidated by the precision change
+
+
+@cuda_only
+def test_cuda_flash_decode_kernel_is_reported() -> None:
+    ex = TorchExecutor("tiny", device="cuda", max_slots=4, knobs=Knobs(precision="bf16", attention="math"))
+    rep = ex.apply_knobs(None, Knobs(precision="bf16", attention="flash"))
+    assert ex.effective_kernels["prefill"] == "flash"
+    if ex.effective_kernels["decode"] != "flash":
+        assert "attention.decode" in rep.not_applicable
+        assert ex.effective_kernels["decode"] == "efficient"
+    rs = reqs([20, 40])
+    step(ex, rs, [])
+    assert not step(ex, [], rs).oom
+
+
+@cuda_only
+def test_cuda_allocator_reclaim_memory_and_real_oom() -> None:
+    ex = TorchExecutor("tiny", device="cuda", max_slots=4, knobs=FP32)
+    rep = ex.apply_knobs(None, FP32.replace(allocator="expandable", reclaim=True))
+    assert "allocator" in rep.cost_ms and "reclaim" in rep.cost_ms
+    assert "allocator" not in rep.not_applicable, rep.not_applicable
+    rep = ex.apply_knobs(None, FP32.replace(allocator="split128"))
+    assert "allocator" not in rep.not_applicable, rep.not_applicable
+    m = ex.memory(full=True)
+    assert m.full and m.allocated_bytes > 0 and m.reserved_bytes >= m.allocated_bytes
+    assert 0 < m.used_bytes < m.capacity_bytes
+
+
+@cuda_only
+def test_cuda_real_oom_is_returned_not_raised() -> None:
+    ex = TorchExecutor("gpt2-small", device="cuda", max_slots=4, knobs=FP32)
+    running = reqs([64])
+    step(ex, running, [])
+    total = torch.cuda.mem_get_info()[1]
+    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + (256 << 20)) / total)
+    try:
+        res = ex.execute(Batch(reqs([2048] * 3, start=1), running))  # math attention: GBs of scores
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    assert res.oom and "memory" in res.error.lower()
+    assert set(ex.slots) == {0} and ex.context_of(0) == 64  # the decode of that batch did not count
+    assert ex.memory(full=True).ooms >= 1
+    assert not step(ex, reqs([128], start=9), running).oom
+    capped = TorchExecutor("tiny", device="cuda", max_slots=2, memory_cap_bytes=8 << 30)
+    torch.cuda.set_per_process_memory_fraction(1.0)
+    assert capped.memory(full=False).capacity_bytes == 8 << 30
+
+
+def test_allocator_settings_strings() -> None:
+    from autoopt.engine.torch_executor import allocator_settings_string
+
+    assert allocator_settings_string("default") == "expandable_segments:False"
+    assert allocator_settings_string("expandable") == "expandable_segments:True"
+    assert (
+        allocator_settings_string("gc08_split128")
+        == "expandable_segments:False,max_split_size_mb:128,garbage_collection_threshold:0.8"
+    )

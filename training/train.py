@@ -1,0 +1,250 @@
+"""`autoopt train`: PPO on the simulated environment, watched in TensorBoard.
+
+A CleanRL-style straight line: read the zoo-layout YAML, build the vectorised env with
+VecNormalize, build (Maskable)PPO, attach the callbacks (environment scalars, held-out
+evaluation against best-static, checkpoints), learn, save, export the runtime policy.
+`--resume` continues from the newest checkpoint; Ctrl-C saves before exiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..envs import ENV_ID
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "ppo.yaml"
+HYPERPARAMS = ("n_steps", "batch_size", "n_epochs", "gamma", "gae_lambda", "learning_rate", "ent_coef", "clip_range")
+
+
+def load_config(path: Path | None) -> dict[str, Any]:
+    """The env's section of a zoo-layout YAML file, with its strings parsed safely."""
+    path = path or DEFAULT_CONFIG
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise SystemExit(f"{path}: cannot read the training config: {exc}") from exc
+    if not isinstance(doc, dict) or ENV_ID not in doc:
+        raise SystemExit(f"{path}: expected a top-level key {ENV_ID!r} (rl-baselines3-zoo layout)")
+    cfg = dict(doc[ENV_ID])
+    cfg["normalize"] = _parse_dict_call(cfg.get("normalize", "dict()"), "normalize")
+    cfg["policy_kwargs"] = _parse_policy_kwargs(cfg.get("policy_kwargs", "dict()"))
+    return cfg
+
+
+def _parse_dict_call(text: Any, what: str) -> dict[str, Any]:
+    """`dict(a=1, b=[2])` as zoo files write it, evaluated without eval()."""
+    if isinstance(text, dict):
+        return text
+    if isinstance(text, bool):
+        return {"norm_obs": text, "norm_reward": text}
+    try:
+        call = ast.parse(str(text), mode="eval").body
+        if not (isinstance(call, ast.Call) and getattr(call.func, "id", "") == "dict"):
+            raise ValueError("not a dict(...) call")
+        return {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords if kw.arg}
+    except (SyntaxError, ValueError) as exc:
+        raise SystemExit(f"config {what}: cannot parse {text!r}: {exc}") from exc
+
+
+def _parse_policy_kwargs(text: Any) -> dict[str, Any]:
+    import torch.nn as nn
+
+    s = str(text)
+    act = re.search(r"activation_fn\s*=\s*nn\.(\w+)", s)
+    kwargs = _parse_dict_call(re.sub(r",?\s*activation_fn\s*=\s*nn\.\w+", "", s), "policy_kwargs")
+    if act:
+        if not hasattr(nn, act.group(1)):
+            raise SystemExit(f"config policy_kwargs: unknown activation nn.{act.group(1)}")
+        kwargs["activation_fn"] = getattr(nn, act.group(1))
+    return kwargs
+
+
+def make_env(cfg: dict[str, Any], n_envs: int, seed: int, monitor_dir: Path | None = None):
+    from stable_baselines3.common.env_util import make_vec_env
+
+    import autoopt  # noqa: F401  (registers the env id)
+
+    return make_vec_env(ENV_ID, n_envs=n_envs, seed=seed, env_kwargs=cfg.get("env_kwargs", {}),
+                        monitor_dir=str(monitor_dir) if monitor_dir else None)
+
+
+def _algo(cfg: dict[str, Any]):
+    name = cfg.get("algo", "MaskablePPO")
+    if name == "MaskablePPO":
+        from sb3_contrib import MaskablePPO
+
+        return MaskablePPO
+    if name == "PPO":
+        from stable_baselines3 import PPO
+
+        return PPO
+    raise SystemExit(f"config algo must be MaskablePPO or PPO, got {name!r}")
+
+
+def _latest_checkpoint(ckpt_dir: Path) -> tuple[Path, Path | None] | None:
+    zips = sorted(ckpt_dir.glob("rl_model_*_steps.zip"), key=lambda p: int(p.stem.split("_")[-2]))
+    if not zips:
+        return None
+    steps = zips[-1].stem.split("_")[-2]
+    vn = ckpt_dir / f"rl_model_vecnormalize_{steps}_steps.pkl"
+    return zips[-1], vn if vn.exists() else None
+
+
+def train(
+    config: Path | None = None,
+    timesteps: int | None = None,
+    n_envs: int | None = None,
+    seed: int | None = None,
+    logdir: Path = Path("runs"),
+    out: str = "ppo",
+    resume: bool = False,
+    progress_bar: bool = True,
+    eval_freq: int | None = None,
+    checkpoint_freq: int = 20000,
+) -> Path:
+    """Train and return the run directory (model.zip, vecnormalize.pkl, policy/, TB events)."""
+    from stable_baselines3.common.callbacks import CallbackList, CheckpointCallback
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    from .callbacks import BestStaticEvalCallback, EnvScalarsCallback, HParamsCallback
+
+    cfg = load_config(config)
+    timesteps = int(timesteps or cfg.get("n_timesteps", 100_000))
+    n_envs = int(n_envs or cfg.get("n_envs", 4))
+    seed = int(cfg.get("seed", 0) if seed is None else seed)
+    run_dir = Path(logdir) / out
+    ckpt_dir = run_dir / "checkpoints"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    algo_cls = _algo(cfg)
+
+    venv = make_env(cfg, n_envs, seed, run_dir / "monitor")
+    latest = _latest_checkpoint(ckpt_dir) if resume else None
+    if latest is not None:
+        model_path, vn_path = latest
+        venv = VecNormalize.load(str(vn_path), venv) if vn_path else VecNormalize(venv, **cfg["normalize"])
+        model = algo_cls.load(str(model_path), env=venv, tensorboard_log=str(run_dir / "tb"))
+        print(f"resuming from {model_path} at {model.num_timesteps} steps", file=sys.stderr)
+    else:
+        venv = VecNormalize(venv, gamma=cfg.get("gamma", 0.99), **cfg["normalize"])
+        params = {k: cfg[k] for k in HYPERPARAMS if k in cfg}
+        model = algo_cls(
+            cfg.get("policy", "MlpPolicy"),
+            venv,
+            seed=seed,
+            policy_kwargs=cfg["policy_kwargs"],
+            tensorboard_log=str(run_dir / "tb"),
+            verbose=0,
+            **params,
+        )
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({ENV_ID: _plain(cfg, timesteps, n_envs, seed)}))
+    eval_cfg = cfg.get("eval", {})
+    callbacks = [
+        HParamsCallback(cfg, timesteps, n_envs, seed),
+        EnvScalarsCallback(),
+        CheckpointCallback(max(1, checkpoint_freq // n_envs), str(ckpt_dir), save_vecnormalize=True),
+    ]
+    if eval_cfg.get("scenarios"):
+        callbacks.append(
+            BestStaticEvalCallback(
+                eval_cfg["scenarios"],
+                cfg.get("env_kwargs", {}),
+                eval_freq=max(1, int(eval_freq or eval_cfg.get("freq", 20000)) // n_envs),
+                cache_dir=Path(logdir) / "cache",
+                best_path=run_dir / "best",
+            )
+        )
+    started = time.perf_counter()
+    try:
+        model.learn(
+            total_timesteps=timesteps,
+            callback=CallbackList(callbacks),
+            progress_bar=progress_bar,
+            reset_num_timesteps=latest is None,
+            tb_log_name="ppo",
+        )
+    except KeyboardInterrupt:
+        print("\ninterrupted: saving the model before exiting", file=sys.stderr)
+    finally:
+        model.save(str(run_dir / "model.zip"))
+        venv.save(str(run_dir / "vecnormalize.pkl"))
+    elapsed = time.perf_counter() - started
+    meta = {"timesteps": int(model.num_timesteps), "seed": seed, "n_envs": n_envs, "train_s": elapsed}
+    (run_dir / "train.json").write_text(json.dumps(meta, indent=2))
+    _export(run_dir, cfg, seed, int(model.num_timesteps))
+    return run_dir
+
+
+def _plain(cfg: dict[str, Any], timesteps: int, n_envs: int, seed: int) -> dict[str, Any]:
+    out = {k: v for k, v in cfg.items() if k != "policy_kwargs"}
+    pk = dict(cfg["policy_kwargs"])
+    act = pk.pop("activation_fn", None)
+    out["policy_kwargs"] = f"dict({', '.join(f'{k}={v!r}' for k, v in pk.items())}"
+    out["policy_kwargs"] += f", activation_fn=nn.{act.__name__})" if act else ")"
+    out["normalize"] = f"dict({', '.join(f'{k}={v!r}' for k, v in cfg['normalize'].items())})"
+    out.update(n_timesteps=timesteps, n_envs=n_envs, seed=seed)
+    return out
+
+
+def _export(run_dir: Path, cfg: dict[str, Any], seed: int, steps: int) -> Path:
+    from ..calibration.profile import load_profile
+    from ..engine.features import FEATURE_NAMES
+    from ..engine.knob_space import action_tables, mask_rules
+    from ..policies.export import export_policy
+
+    env_kwargs = cfg.get("env_kwargs", {})
+    profile = load_profile(env_kwargs.get("profile", "h100-gpt2-small"))
+    evaluation = {}
+    eval_file = run_dir / "eval.json"
+    if eval_file.exists():
+        evaluation = json.loads(eval_file.read_text())
+    return export_policy(
+        run_dir / "model.zip",
+        run_dir / "policy",
+        vecnormalize_path=run_dir / "vecnormalize.pkl",
+        obs_features=list(FEATURE_NAMES),
+        action_tables=action_tables(),
+        mask_rules=mask_rules(profile.device["type"]),
+        env_id=ENV_ID,
+        env_kwargs=env_kwargs,
+        profile={"name": profile.name, "sha256": profile.sha256()},
+        seed=seed,
+        timesteps=steps,
+        evaluation=evaluation,
+    )
+
+
+def train_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="autoopt train", description="Train PPO on the simulated environment.")
+    p.add_argument("--config", type=Path, default=None, help=f"zoo-layout YAML (default: {DEFAULT_CONFIG.name})")
+    p.add_argument("--timesteps", type=int, default=None)
+    p.add_argument("--n-envs", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--logdir", type=Path, default=Path("runs"))
+    p.add_argument("--out", default="ppo", help="run name: the run goes to LOGDIR/OUT")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of LOGDIR/OUT")
+    p.add_argument("--eval-freq", type=int, default=None, help="steps between held-out evaluations")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--ship", action="store_true", help="also copy the exported policy into policies/shipped/")
+    a = p.parse_args(argv)
+    run_dir = train(a.config, a.timesteps, a.n_envs, a.seed, a.logdir, a.out, a.resume, not a.no_progress, a.eval_freq)
+    print(f"run saved to {run_dir}; runtime policy at {run_dir / 'policy'}")
+    print(f"watch it: tensorboard --logdir {run_dir / 'tb'}")
+    if a.ship:
+        from ..policies import SHIPPED_DIR
+
+        dest = SHIPPED_DIR / "h100-gpt2-small"
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(run_dir / "policy", dest)
+        shutil.copy(run_dir / "config.yaml", dest / "train_config.yaml")
+        print(f"shipped to {dest}")
+    return 0
