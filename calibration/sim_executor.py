@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from ..engine.executor import Batch, Capacity, MemoryReading, StepResult, SwitchReport
+from ..engine.executor import Batch, Capacity, MemoryReading, StepResult, SwitchReport, kv_token_budget
 from ..engine.knobs import Knobs, not_applicable
 from ..engine.request import Request
 from .alloc_model import AllocatorState
@@ -51,12 +51,13 @@ class SimExecutor:
     ) -> None:
         self.profile = load_profile(profile) if isinstance(profile, str) else profile
         self.device_type = self.profile.device["type"]
-        ctx = max_context or int(self.profile.model["max_context"])
-        self.capacity = Capacity(max_slots=max_slots, max_context=ctx)
         self.latency = self.profile.latency()
         self.mem_model = self.profile.memory()
         total = int(self.profile.device["total_mem_bytes"])
         self.capacity_bytes = int(memory_cap_bytes) if memory_cap_bytes else total
+        self._max_slots = max_slots
+        self._max_context = max_context or int(self.profile.model["max_context"])
+        self.capacity = self._capacity("bf16")
         self.rng = np.random.default_rng(seed)
         self.noise = noise
         self.knobs = Knobs()
@@ -73,6 +74,11 @@ class SimExecutor:
         self._used = 0
         self._switch = self.profile.switch
 
+    def _capacity(self, precision: str) -> Capacity:
+        mm = self.mem_model
+        budget = kv_token_budget(self.capacity_bytes, mm.weight_bytes(precision), mm.kv_bytes_per_token(precision))
+        return Capacity(self._max_slots, self._max_context, budget)
+
     # -- knobs ------------------------------------------------------------------------
     def apply_knobs(self, old: Knobs | None, new: Knobs) -> SwitchReport:
         report = SwitchReport(not_applicable=not_applicable(new, self.device_type))
@@ -81,6 +87,8 @@ class SimExecutor:
             if old is not None:
                 report.cost_ms["precision"] = float(sw.get("precision_change_ms", 0.0))
             self._graph_buckets.clear()
+            eff = new.precision if self.device_type == "cuda" or new.precision != "fp32_tf32" else "fp32"
+            self.capacity = self._capacity(eff)
         if old is not None and old.attention != new.attention:
             report.cost_ms["attention"] = 0.0
             self._graph_buckets.clear()

@@ -65,7 +65,7 @@ class Engine:
         self.iteration = 0
         self.last_iteration_ms = 0.0
         self._next_arrival = 0
-        self._wall0 = time.perf_counter()
+        self._wall0: float | None = None  # realtime: the clock starts at the first step
         self.last_switch = SwitchReport()
         self.not_applicable: dict[str, str] = {}
         self.knobs = Knobs()
@@ -83,6 +83,8 @@ class Engine:
         self.knobs = self._applied
         self.last_switch = report
         self.not_applicable = dict(report.not_applicable)
+        if self.executor.capacity != self.scheduler.capacity:
+            self.scheduler.set_capacity(self.executor.capacity)
         if first:  # bringing up the engine is not a switch
             return report
         tel = self.telemetry
@@ -125,6 +127,7 @@ class Engine:
         if self.config.clock == "virtual":
             self.now_s = max(self.now_s, nxt)
         else:
+            assert self._wall0 is not None
             delay = nxt - (time.perf_counter() - self._wall0)
             if delay > 0:
                 time.sleep(delay)
@@ -137,6 +140,8 @@ class Engine:
         arrive.
         """
         if self.config.clock == "realtime":
+            if self._wall0 is None:
+                self._wall0 = time.perf_counter() - self.now_s
             self.now_s = time.perf_counter() - self._wall0
         rejected_before = self.scheduler.rejected
         arrivals = self._admit_arrivals()
@@ -158,6 +163,7 @@ class Engine:
         if self.config.clock == "virtual":
             self.now_s += (result.ms + switch_ms) / 1e3
         else:
+            assert self._wall0 is not None
             self.now_s = time.perf_counter() - self._wall0
         left = sched.complete(batch, self.now_s, result)
         tel = self.telemetry

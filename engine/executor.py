@@ -94,10 +94,22 @@ class SwitchReport:
 
 @dataclass(frozen=True, slots=True)
 class Capacity:
-    """Hard limits of an executor: KV-cache slots and the longest context a slot holds."""
+    """Hard limits of an executor: KV-cache slots, the longest context a slot holds, and
+    how many KV tokens fit in the memory given to the cache (it moves with precision)."""
 
     max_slots: int
     max_context: int
+    max_kv_tokens: int = 1 << 62
+
+
+# Share of the memory beyond the weights that the KV cache may fill; the rest is left
+# for activations (vLLM's gpu_memory_utilization plays the same role).
+KV_MEMORY_FRACTION = 0.9
+
+
+def kv_token_budget(cap_bytes: int, weight_bytes: int, kv_bytes_per_token: int) -> int:
+    """KV tokens that fit in `KV_MEMORY_FRACTION` of the memory left after the weights."""
+    return max(0, int(KV_MEMORY_FRACTION * (cap_bytes - weight_bytes) / max(1, kv_bytes_per_token)))
 
 
 class Executor(Protocol):

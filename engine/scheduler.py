@@ -1,9 +1,10 @@
 """Iteration-level continuous batching (Orca, vLLM), independent of how batches run.
 
 Each iteration the scheduler admits waiting requests, first come first served, for
-prefill within `max_num_seqs` (sequences in the batch, running ones included) and
-`max_batched_tokens` (prefill tokens plus one per decoding sequence), and runs one
-decode step for every running request. The torch engine and the simulator call it
+prefill within `max_num_seqs` (sequences in the batch, running ones included),
+`max_batched_tokens` (prefill tokens plus one per decoding sequence) and the KV budget
+(each admitted request reserves its whole prompt plus output, so a running request never
+runs out of KV space), and runs one decode step for every running request. The torch engine and the simulator call it
 unchanged; only their executors differ.
 
 Out of memory: the batch's prefill requests go back to the head of the queue (a decode
@@ -41,6 +42,7 @@ class Scheduler:
         self.rejected = 0
         self.queued_tokens = 0
         self.running_context_tokens = 0
+        self.reserved_kv_tokens = 0  # prompt + output of every running request
         self.oom_backoff = 1.0
         self._finish_heap: list[tuple[int, int, Request]] = []
 
@@ -54,9 +56,26 @@ class Scheduler:
                 request, f"needs {total} tokens of context, the model holds {self.capacity.max_context}"
             )
             return
+        if total > self.capacity.max_kv_tokens:
+            self._reject(request, f"needs {total} KV tokens, the memory holds {self.capacity.max_kv_tokens}")
+            return
         request.state = RequestState.WAITING
         self.waiting.append(request)
         self.queued_tokens += request.context_len
+
+    def set_capacity(self, capacity: Capacity) -> None:
+        """Follow the executor's limits when they move (a precision change resizes the KV
+        budget). Queued requests that can no longer ever fit are rejected with the reason."""
+        self.capacity = capacity
+        keep: deque[Request] = deque()
+        for r in self.waiting:
+            total = r.prompt_len + r.output_len
+            if total > capacity.max_kv_tokens or total > capacity.max_context:
+                self.queued_tokens -= r.context_len
+                self._reject(r, f"needs {total} KV tokens, the memory holds {capacity.max_kv_tokens}")
+            else:
+                keep.append(r)
+        self.waiting = keep
 
     def reject_waiting(self, reason: str) -> list[Request]:
         """Reject everything still queued (used when an operator drains the engine)."""
@@ -82,12 +101,18 @@ class Scheduler:
         prefill: list[Request] = []
         prefill_tokens = 0
         waiting = self.waiting
+        kv_free = self.capacity.max_kv_tokens - self.reserved_kv_tokens
         while waiting and n < max_seqs:
-            need = waiting[0].context_len
+            head = waiting[0]
+            need = head.context_len
             if tokens + need > max_tokens:
                 # A prompt bigger than the whole budget runs alone rather than starving.
                 if not (n == 0 and not prefill):
                     break
+            reserve = head.prompt_len + head.output_len
+            if reserve > kv_free:
+                break
+            kv_free -= reserve
             r = waiting.popleft()
             prefill.append(r)
             prefill_tokens += need
@@ -116,6 +141,7 @@ class Scheduler:
             if math.isnan(r.first_token_s):
                 r.first_token_s = now_s
             self.running_context_tokens += r.context_len
+            self.reserved_kv_tokens += r.prompt_len + r.output_len
             r.finish_iter = it + (r.output_len - r.generated)
             heapq.heappush(self._finish_heap, (r.finish_iter, r.rid, r))
             self.running.append(r)
@@ -135,6 +161,7 @@ class Scheduler:
             r.state = RequestState.DONE
             r.finish_s = now_s
             self.running_context_tokens -= r.context_len
+            self.reserved_kv_tokens -= r.prompt_len + r.output_len
             self.completed += 1
             done.append(r)
         if done:
@@ -151,6 +178,7 @@ class Scheduler:
             self.running = self.running[:-k]
             for r in victims:
                 self.running_context_tokens -= r.context_len
+                self.reserved_kv_tokens -= r.prompt_len + r.output_len
                 r.finish_iter = -1
         left: list[Request] = []
         for r in reversed(victims):  # reversed + appendleft keeps their order at the head

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .executor import Batch, Capacity, MemoryReading, StepResult, SwitchReport
+from .executor import Batch, Capacity, MemoryReading, StepResult, SwitchReport, kv_token_budget
 from .knobs import ALLOCATOR_MODES, Knobs, not_applicable
 from .model import SDPA_BACKENDS, DecoderLM, model_config, resolve_kernel, round_ctx, transient_bytes
 from .request import Request
@@ -187,6 +187,16 @@ class TorchExecutor:
             # bytes held outside this process's caching allocator (CUDA context, other processes)
             self._outside = max(0, total - free - torch.cuda.memory_reserved(self.device))
             self._full_stats()
+        self._update_capacity()
+
+    def _update_capacity(self) -> None:
+        """Under a memory cap the KV budget is what the cap leaves after the weights
+        (it moves with precision); without one, the preallocated cache is the limit."""
+        cap = self.capacity
+        kv = cap.max_slots * cap.max_context
+        if self.memory_cap_bytes:
+            kv = min(kv, kv_token_budget(self.memory_cap_bytes, self.weight_bytes, self.cache.bytes_per_token()))
+        self.capacity = Capacity(cap.max_slots, cap.max_context, kv)
 
     # -- introspection ----------------------------------------------------------------
     @property
@@ -298,6 +308,7 @@ class TorchExecutor:
         self._precision = precision
         self._drop_graphs()
         self._resolve_kernels()
+        self._update_capacity()
         return self._since(t0)
 
     def set_attention(self, attention: str) -> float:

@@ -41,8 +41,11 @@ b1: Any = None
 head_m: Any = None
 logits: Any = None  # float32 [2 * heads * widest]
 logits2: Any = None  # the same as [2 * heads, widest]
-apply_mask: Any = None
-argmax: Any = None  # np.ndarray.argmax
+mask_bias: Any = None  # checks a new mask (shape, no empty head) and caches its bias
+mask_cache: Any = None  # mask bytes -> bias
+bool_dtype: Any = None
+add: Any = None
+argmax_into: Any = None  # logits2.argmax, bound once
 picks: Any = None  # int64 [2 * heads]: plain argmaxes, then the bonus rows' argmaxes
 picks_plain: Any = None  # picks[:heads]
 halves: Any = None  # picks viewed as two byte strings
@@ -52,28 +55,32 @@ NAN_MESSAGE = "observation contains NaN (or values that make the network's outpu
 
 
 def act_two_hidden(obs: Any, mask: Any = None) -> Any:
-    """act for the usual two hidden layers, unrolled."""
+    """act for the usual two hidden layers, unrolled (`out` passed positionally: keywords cost ~40 ns a call)."""
     if obs.__class__ is not ndarray or obs.shape != shape:
         obs = bad_obs(obs)
     if mean is None:
         x_view[...] = obs
     else:
-        sub(obs, mean, out=x64)
-        div(x64, std, out=x64)
-        clip(x64, lo, hi, out=x64)
+        sub(obs, mean, x64)
+        div(x64, std, x64)
+        clip(x64, lo, hi, x64)
         x_view[...] = x64
-    dot(x_aug, m0, out=v0)
-    act_fn(v0, out=v0)
-    dot(b0, m1, out=v1)
-    act_fn(v1, out=v1)
-    dot(b1, head_m, out=logits)
+    dot(x_aug, m0, v0)
+    act_fn(v0, v0)
+    dot(b0, m1, v1)
+    act_fn(v1, v1)
+    dot(b1, head_m, logits)
     # A NaN anywhere in the input reaches every logit (NaN * w is NaN, tanh and max keep it).
     s = logits.item(0)
     if s != s:
         raise ValueError(NAN_MESSAGE)
     if mask is not None:
-        apply_mask(mask)
-    argmax(logits2, 1, out=picks)
+        # 0 / -inf added to the logits; a mask seen before costs a bytes lookup, a new one is checked first
+        bias = mask_cache.get(mask.tobytes()) if mask.__class__ is ndarray and mask.dtype is bool_dtype else None
+        if bias is None:
+            bias = mask_bias(mask)
+        add(logits, bias, logits)
+    argmax_into(1, picks)
     if halves[0] != halves[1]:
         return near_tie()
     return picks_plain.copy()
@@ -86,22 +93,26 @@ def act_any_depth(obs: Any, mask: Any = None) -> Any:
     if mean is None:
         x_view[...] = obs
     else:
-        sub(obs, mean, out=x64)
-        div(x64, std, out=x64)
-        clip(x64, lo, hi, out=x64)
+        sub(obs, mean, x64)
+        div(x64, std, x64)
+        clip(x64, lo, hi, x64)
         x_view[...] = x64
     prev = x_aug
     for m, v, buf in hidden:
-        dot(prev, m, out=v)
-        act_fn(v, out=v)
+        dot(prev, m, v)
+        act_fn(v, v)
         prev = buf
-    dot(prev, head_m, out=logits)
+    dot(prev, head_m, logits)
     s = logits.item(0)
     if s != s:
         raise ValueError(NAN_MESSAGE)
     if mask is not None:
-        apply_mask(mask)
-    argmax(logits2, 1, out=picks)
+        # 0 / -inf added to the logits; a mask seen before costs a bytes lookup, a new one is checked first
+        bias = mask_cache.get(mask.tobytes()) if mask.__class__ is ndarray and mask.dtype is bool_dtype else None
+        if bias is None:
+            bias = mask_bias(mask)
+        add(logits, bias, logits)
+    argmax_into(1, picks)
     if halves[0] != halves[1]:
         return near_tie()
     return picks_plain.copy()

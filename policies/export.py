@@ -158,6 +158,7 @@ def export_policy(
     env_kwargs: dict[str, Any] | None = None,
     profile: dict[str, Any] | None = None,
     seed: int | None = None,
+    timesteps: int | None = None,
     evaluation: dict[str, Any] | None = None,
     verify: int = 2000,
 ) -> Path:
@@ -165,7 +166,8 @@ def export_policy(
 
     Without `vecnormalize_path`, a `vecnormalize.pkl` next to the model is used if there is one
     (the path used is recorded in the manifest). Without `obs_features`/`action_tables`, generic
-    names (`obs_0..`, `action_0..`) and index values are taken from the model's spaces. After
+    names (`obs_0..`, `action_0..`) and index values are taken from the model's spaces; `seed`
+    and `timesteps` default to the model's own. After
     writing, the policy is loaded back and its actions are compared with SB3's deterministic
     predict on `verify` random observations; any difference raises ExportError.
     """
@@ -219,7 +221,7 @@ def export_policy(
         "env_kwargs": env_kwargs or {},
         "profile": profile,
         "seed": seed if seed is not None else model.seed,
-        "timesteps": int(model.num_timesteps),
+        "timesteps": int(timesteps if timesteps is not None else model.num_timesteps),
         "evaluation": evaluation or {},
         "layers": layer_refs,
         "action_head": {"w": "action_w", "b": "action_b"},
@@ -231,16 +233,59 @@ def export_policy(
             "versions": _versions(),
         },
     }
-    (out_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, allow_nan=False) + "\n", encoding="utf-8")
-
+    manifest_path = out_dir / MANIFEST_NAME
+    _write_manifest(manifest_path, manifest)
     if verify:
-        policy = RuntimePolicy.load(out_dir)
-        obs = sample_observations(policy, verify, seed=0)
-        ours = policy.act_batch(obs)
-        theirs = sb3_predict(model, obs, obs_norm)
-        if (bad := int((ours != theirs).any(axis=1).sum())) != 0:
-            raise ExportError(f"exported policy disagrees with SB3 on {bad} of {verify} observations")
+        try:
+            manifest["verification"] = verify_against_sb3(RuntimePolicy.load(out_dir), model, verify)
+        except Exception:
+            manifest_path.unlink()  # a policy that failed its check must not be loadable
+            raise
+        _write_manifest(manifest_path, manifest)
     return out_dir
+
+
+def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    try:
+        text = json.dumps(manifest, indent=1, allow_nan=False, default=_json_default)
+    except ValueError as e:  # NaN or inf in caller-supplied metadata
+        raise ExportError(f"{path}: manifest metadata is not valid JSON: {e}") from None
+    path.write_text(text + "\n", encoding="utf-8")
+
+
+def _json_default(value: Any) -> Any:
+    """Paths and numpy scalars/arrays in caller metadata (env_kwargs, evaluation) become JSON."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    raise ExportError(f"manifest metadata holds a {type(value).__name__} ({value!r}), which JSON cannot store")
+
+
+def verify_against_sb3(policy: RuntimePolicy, model: Any, n: int, seed: int = 0) -> dict[str, Any]:
+    """Compare the runtime policy with SB3's deterministic predict on `n` random observations.
+
+    A difference where the two chosen logits are within float32 noise of each other (a near tie
+    that the two float32 computations may round either way) is counted; any other raises ExportError.
+    """
+    obs = sample_observations(policy, n, seed=seed)
+    ours = policy.act_batch(obs)
+    theirs = sb3_predict(model, obs, policy.manifest.get("obs_norm"))
+    rows, heads = np.nonzero(ours != theirs)
+    if rows.size:
+        logits = policy.logits(obs[rows])
+        offsets = np.concatenate([[0], np.cumsum(policy.action_dims)[:-1]])[heads]
+        ours_l = logits[np.arange(rows.size), offsets + ours[rows, heads]]
+        theirs_l = logits[np.arange(rows.size), offsets + theirs[rows, heads]]
+        real = np.abs(ours_l - theirs_l) > 1e-5 * np.maximum(1.0, np.abs(ours_l))
+        if real.any():
+            i = int(np.flatnonzero(real)[0])
+            raise ExportError(
+                f"exported policy disagrees with SB3 on {int(real.sum())} of {n} observations beyond float32 noise "
+                f"(first: observation {int(rows[i])}, head {policy.action_names[heads[i]]!r}: "
+                f"runtime {int(ours[rows[i], heads[i]])}, SB3 {int(theirs[rows[i], heads[i]])})"
+            )
+    return {"observations": n, "seed": seed, "differing": int(np.unique(rows).size), "near_ties": int(rows.size)}
 
 
 def sb3_predict(
@@ -294,14 +339,24 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--vecnormalize", help="VecNormalize statistics (.pkl); default: vecnormalize.pkl next to the model")
     p.add_argument(
         "--meta",
-        help="JSON file with any of: obs_features, action_tables, mask_rules, env_id, env_kwargs, profile, seed, evaluation",
+        help="JSON file with any of: " + ", ".join(_META_KEYS),
     )
     p.add_argument("--onnx", metavar="PATH", help="also write the actor as ONNX and check it with onnxruntime")
     p.add_argument("--verify", type=int, default=2000, help="observations to check against SB3 (0: skip)")
     return p
 
 
-_META_KEYS = ("obs_features", "action_tables", "mask_rules", "env_id", "env_kwargs", "profile", "seed", "evaluation")
+_META_KEYS = (
+    "obs_features",
+    "action_tables",
+    "mask_rules",
+    "env_id",
+    "env_kwargs",
+    "profile",
+    "seed",
+    "timesteps",
+    "evaluation",
+)
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -324,7 +379,8 @@ def run_cli(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def export_main(argv: Sequence[str] | None = None) -> int:
+    """`autoopt export MODEL.zip --out POLICY [...]`: 0 on success, 1 if the ONNX check fails, 2 on an error."""
     args = build_parser().parse_args(argv)
     try:
         return run_cli(args)
@@ -333,5 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+main = export_main
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(export_main())

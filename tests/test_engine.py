@@ -68,13 +68,14 @@ def test_persistent_oom_rejects_with_a_reason_and_still_balances(executor_factor
 
 
 def test_memory_cap_causes_real_ooms_that_recover(executor_factory):
-    probe = executor_factory()
-    base = probe.memory(full=True).used_bytes
-    ex = executor_factory(memory_cap_bytes=int(base * 1.05) + 200_000)
+    weights = executor_factory(knobs=CPU_KNOBS).weight_bytes
+    # The KV budget holds every request, but a 16-prompt prefill's activations (math
+    # attention materialises B x H x L x L scores) do not fit: OOM, back off, recover.
+    ex = executor_factory(memory_cap_bytes=weights + 6_000_000, knobs=CPU_KNOBS)
     engine = Engine(ex, _requests(24, gap_s=0.0, prompt=200, output=8), CPU_KNOBS.replace(max_num_seqs=16))
     report = _run_checking_balance(engine)
     assert report["ooms"] > 0
-    assert report["completed"] + report["rejected"] == 24
+    assert report["completed"] > 0 and report["completed"] + report["rejected"] == 24
 
 
 def test_virtual_clock_skips_idle_time(executor_factory):

@@ -14,7 +14,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 from autoopt.policies import RuntimePolicy
-from autoopt.policies.export import ExportError, export_policy, main, sample_observations, sb3_predict
+from autoopt.policies.export import ExportError, export_main, export_policy, sample_observations, sb3_predict
 from gymnasium import spaces
 
 NVEC = [3, 4, 2, 2, 5]
@@ -126,6 +126,7 @@ def test_manifest_records_everything(ppo, tmp_path: Path) -> None:
     assert m["env_id"] == "autoopt/Serve-v0" and m["env_kwargs"] == {"trace": "bursty"}
     assert m["profile"]["sha256"] == "ab" * 32 and m["evaluation"] == {"mean_reward": 1.5}
     assert m["seed"] == 3 and m["timesteps"] == 256
+    assert m["verification"] == {"observations": 2000, "seed": 0, "differing": 0, "near_ties": 0}
     assert m["weights_sha256"] == hashlib.sha256((out / "weights.npz").read_bytes()).hexdigest()
     assert m["obs_norm"]["clip_obs"] == 5.0 and len(m["obs_norm"]["mean"]) == OBS_DIM
     assert abs(np.mean(m["obs_norm"]["mean"]) - 50) < 10  # the real running statistics, not defaults
@@ -221,6 +222,29 @@ def test_export_refuses_mismatched_layout(ppo, tmp_path: Path) -> None:
         export_policy(tmp_path / "junk.zip", tmp_path / "d")
 
 
+def test_verification_catches_a_real_disagreement(ppo, maskable, tmp_path: Path) -> None:
+    """The check export runs is not a formality: the PPO policy against the MaskablePPO model fails it."""
+    from autoopt.policies.export import verify_against_sb3
+    from sb3_contrib import MaskablePPO
+
+    pol = RuntimePolicy.load(export_policy(ppo[0], tmp_path / "pol", vecnormalize_path=ppo[1], verify=0))
+    other = MaskablePPO.load(maskable[0], device="cpu")
+    with pytest.raises(ExportError, match=r"disagrees with SB3 on \d+ of 500 observations beyond float32 noise"):
+        verify_against_sb3(pol, other, 500)
+
+
+def test_metadata_must_be_json(ppo, tmp_path: Path) -> None:
+    model_path, vn_path = ppo
+    out = export_policy(
+        model_path, tmp_path / "a", verify=0, env_kwargs={"trace": tmp_path / "t.jsonl", "n": np.int64(3)}
+    )
+    assert RuntimePolicy.load(out).manifest["env_kwargs"] == {"trace": str(tmp_path / "t.jsonl"), "n": 3}
+    with pytest.raises(ExportError, match="manifest metadata holds a set"):
+        export_policy(model_path, tmp_path / "b", verify=0, evaluation={"bad": {1, 2}})
+    with pytest.raises(ExportError, match="not valid JSON"):
+        export_policy(model_path, tmp_path / "c", verify=0, evaluation={"reward": float("nan")})
+
+
 def test_export_is_reproducible(ppo, tmp_path: Path) -> None:
     model_path, vn_path = ppo
     a = export_policy(model_path, tmp_path / "a", vecnormalize_path=vn_path, verify=0)
@@ -231,13 +255,18 @@ def test_export_is_reproducible(ppo, tmp_path: Path) -> None:
 def test_cli(ppo, tmp_path: Path, capsys) -> None:
     model_path, vn_path = ppo
     meta = tmp_path / "meta.json"
-    meta.write_text(json.dumps({"env_id": "autoopt/Serve-v0", "obs_features": FEATURES, "seed": 9}))
-    assert main([str(model_path), "--out", str(tmp_path / "pol"), "--meta", str(meta), "--verify", "500"]) == 0
+    meta.write_text(json.dumps({"env_id": "autoopt/Serve-v0", "obs_features": FEATURES, "seed": 9, "timesteps": 1000}))
+    assert export_main([str(model_path), "--out", str(tmp_path / "pol"), "--meta", str(meta), "--verify", "500"]) == 0
     assert "wrote" in capsys.readouterr().out
     m = RuntimePolicy.load(tmp_path / "pol").manifest
-    assert m["env_id"] == "autoopt/Serve-v0" and m["seed"] == 9
+    assert m["env_id"] == "autoopt/Serve-v0" and m["seed"] == 9 and m["timesteps"] == 1000
+    # the same through the `autoopt` entry point
+    from autoopt.cli import main as autoopt_main
+
+    assert autoopt_main(["export", str(model_path), "--out", str(tmp_path / "pol3"), "--verify", "0"]) == 0
+    assert RuntimePolicy.load(tmp_path / "pol3").manifest["source"]["vecnormalize"] == "vecnormalize.pkl"
     meta.write_text(json.dumps({"colour": "red"}))
-    assert main([str(model_path), "--out", str(tmp_path / "pol2"), "--meta", str(meta)]) == 2
+    assert export_main([str(model_path), "--out", str(tmp_path / "pol2"), "--meta", str(meta)]) == 2
     assert "unknown keys ['colour']" in capsys.readouterr().err
 
 

@@ -170,6 +170,52 @@ def test_act_matches_reference_and_batch(tmp_path: Path, hidden, activation, nor
     assert all(len(np.unique(batch[:, i])) > 1 for i in range(5))
 
 
+def identity_policy(tmp_path: Path) -> RuntimePolicy:
+    """A policy whose logits are its observation (no hidden layer, identity head, no normalisation)."""
+    d = make_policy(tmp_path / "identity", hidden=(), norm=False, features=[f"l{i}" for i in range(16)])
+    arrays = load_arrays(d)
+    arrays["action_w"] = np.eye(16, dtype=np.float32)
+    arrays["action_b"] = np.zeros(16, dtype=np.float32)
+    rewrite_npz(d, arrays)
+    return RuntimePolicy.load(d)
+
+
+def test_near_ties_are_decided_as_sb3_decides_them(tmp_path: Path) -> None:
+    """SB3 takes the argmax of float32 softmax probabilities: logits a few ulps apart can tie, and the
+    lower index wins. The runtime reproduces that where a plain argmax of the logits would not."""
+    torch = pytest.importorskip("torch")
+    policy = identity_policy(tmp_path)
+    rng = np.random.default_rng(5)
+    n = 1500
+    logits = (rng.standard_normal((n, 16)) * rng.choice([0.01, 0.1, 1.0, 3.0], (n, 1))).astype(np.float32)
+    start = 0
+    for size in policy.action_dims:  # in every head, put a lower index 1-3 ulps below the maximum
+        head = logits[:, start : start + size]
+        top = head.argmax(axis=1)
+        rows = np.flatnonzero(top > 0)
+        lower = rng.integers(0, top[rows])
+        top_val = head[rows, top[rows]]
+        head[rows, lower] = top_val - rng.integers(1, 4, rows.size) * np.spacing(np.abs(top_val))
+        start += size
+    with torch.no_grad():
+        parts = torch.split(torch.as_tensor(logits), list(policy.action_dims), dim=1)
+        sb3 = np.stack([torch.distributions.Categorical(logits=p).probs.argmax(dim=1).numpy() for p in parts], 1)
+    ours = np.array([policy.act(row) for row in logits])
+    np.testing.assert_array_equal(policy.act_batch(logits), ours)
+    start, plain = 0, []
+    for size in policy.action_dims:
+        plain.append(logits[:, start : start + size].argmax(axis=1))
+        start += size
+    plain = np.stack(plain, 1)
+    wide = policy.action_dims.index(5)
+    assert (plain[:, wide] == sb3[:, wide]).mean() < 0.9  # the ties are real: plain argmax often disagrees
+    assert (ours == sb3).mean() > 0.98
+    # clear preferences are left alone
+    clear = np.zeros(16, dtype=np.float32)
+    clear[[2, 6, 8, 10, 15]] = 1e-3
+    np.testing.assert_array_equal(policy.act(clear), [2, 3, 1, 1, 4])
+
+
 def test_act_returns_fresh_int64_and_accepts_lists_and_float32(policy_dir: Path) -> None:
     policy = RuntimePolicy.load(policy_dir)
     obs = random_obs(policy, 2)
@@ -216,6 +262,25 @@ def test_masks_are_obeyed(policy_dir: Path) -> None:
     keep = masks[np.arange(500)[:, None], starts + free].all(axis=1)
     np.testing.assert_array_equal(batch[keep], free[keep])
     assert keep.sum() > 0 and (~keep).sum() > 0
+
+
+def test_repeated_masks_hit_the_cache_and_stay_right(policy_dir: Path) -> None:
+    """The engine's masks repeat: a cached mask must give the same actions as a fresh one."""
+    policy = RuntimePolicy.load(policy_dir)
+    obs = random_obs(policy, 600)
+    few = np.ones((3, 16), dtype=bool)
+    few[1, [0, 1, 7]] = False
+    few[2, 11:15] = False
+    masks = few[np.arange(600) % 3]
+    expected = policy.act_batch(obs, masks)
+    got = np.array([policy.act(o, m) for o, m in zip(obs, masks, strict=True)])
+    np.testing.assert_array_equal(got, expected)
+    as_lists = np.array([policy.act(o, m.astype(int).tolist()) for o, m in zip(obs[:30], masks[:30], strict=True)])
+    np.testing.assert_array_equal(as_lists, expected[:30])
+    bad = few[0].copy()
+    bad[9:11] = False  # 'reclaim' has no allowed entry
+    with pytest.raises(ValueError, match="no entry of head.*'reclaim'"):
+        policy.act(obs[0], bad)
 
 
 def test_mask_with_an_empty_head_is_refused(policy_dir: Path) -> None:

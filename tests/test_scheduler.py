@@ -135,3 +135,31 @@ def test_decode_oom_preempts_newest_half_and_recomputes():
     for _ in range(30):
         s.complete(s.schedule(knobs), 1.0, StepResult(ms=1.0))
     assert s.completed == 4 and all(r.generated == 10 and r.state == RequestState.DONE for r in reqs)
+
+
+def test_kv_budget_holds_back_admission_and_rejects_what_can_never_fit():
+    s = Scheduler(Capacity(max_slots=64, max_context=512, max_kv_tokens=60))
+    reqs = [Request(rid=i, arrival_s=0.0, prompt_len=20, output_len=5) for i in range(4)]
+    too_big = Request(rid=9, arrival_s=0.0, prompt_len=60, output_len=5)
+    for r in [*reqs, too_big]:
+        s.add(r)
+    assert too_big.state == RequestState.REJECTED and "KV tokens" in too_big.reject_reason
+    knobs = Knobs(max_num_seqs=64)
+    batch = s.schedule(knobs)
+    assert len(batch.prefill) == 2 and s.reserved_kv_tokens == 0  # 2 x 25 <= 60 < 3 x 25
+    s.complete(batch, 0.1, StepResult(ms=1.0))
+    assert s.reserved_kv_tokens == 50
+    for _ in range(20):
+        s.complete(s.schedule(knobs), 1.0, StepResult(ms=1.0))
+        assert s.reserved_kv_tokens <= 60 and s.balanced()
+    assert s.completed == 4 and s.reserved_kv_tokens == 0
+
+
+def test_shrinking_kv_budget_rejects_queued_requests_that_no_longer_fit():
+    s = Scheduler(Capacity(max_slots=64, max_context=512, max_kv_tokens=100))
+    small, big = Request(0, 0.0, 20, 5), Request(1, 0.0, 70, 5)
+    s.add(small)
+    s.add(big)
+    s.set_capacity(Capacity(max_slots=64, max_context=512, max_kv_tokens=50))  # e.g. bf16 -> fp32
+    assert big.state == RequestState.REJECTED and small.state == RequestState.WAITING
+    assert s.queued_tokens == 20 and s.balanced()
