@@ -39,6 +39,7 @@ ALLOCATOR_CONFIGS: tuple[str, ...] = ("default", "expandable", "split128", "gc08
 _LN_X_MIN, _LN_X_MAX = -30.0, 5.0
 _MAX_RETRY_MEAN = 1000.0
 _GB = 1e9
+PINNED_FRAC = 0.97  # a step whose reserve ends this close to the cap says more about the cap than the cache
 
 # Priors (mean, sd) of the regressions: an OOM is likely once the transient exceeds the
 # space left (x > 1) and the rise is steep; reclaim has no effect unless the data show one.
@@ -113,11 +114,8 @@ def _map_glm(x: np.ndarray, y: np.ndarray, prior: tuple[tuple[float, float], ...
 
     def neg_log_post(b: np.ndarray) -> float:
         z = np.clip(x @ b, -50.0, 50.0)
-        if poisson:
-            ll = float(np.sum(y * z - np.exp(z)))
-        else:
-            ll = float(np.sum(y * z - np.logaddexp(0.0, z)))
-        return -ll + 0.5 * float(np.sum(prec * (b - mean) ** 2))
+        ll = np.sum(y * z - (np.exp(z) if poisson else np.logaddexp(0.0, z)))
+        return -float(ll) + 0.5 * float(np.sum(prec * (b - mean) ** 2))
 
     obj = neg_log_post(beta)
     for _ in range(100):
@@ -337,7 +335,7 @@ def _fit_config(
         for i, s in enumerate(run.steps):
             dr = s["retries"] - (prev["retries"] if prev else 0)
             grew = prev is not None and s["reserved"] > prev["reserved"]
-            pinned = cap is not None and s["reserved"] > 0.97 * cap
+            pinned = cap is not None and s["reserved"] > PINNED_FRAC * cap
             extra = s["reserved"] - s["allocated"] - s["inactive_split"]
             if (grew or dr > 0 or not s["ok"]) and not pinned and extra > 0 and "reclaim_ms" not in s:
                 ys.append(extra)
@@ -504,3 +502,43 @@ class AllocatorState:
         self._rate.record(self.steps - 1)
         a, b = self.p.reclaim_ms
         return float(a + b * freed / _GB)
+
+
+@dataclass(frozen=True)
+class ReplaySummary:
+    """One replay of a stream: sampled counts and their expected values."""
+
+    oom: int
+    retries: int
+    mean_cached_bytes: float  # mean reserved - allocated after each step
+    expected_oom: float
+    expected_retries: float
+
+
+def replay_stream(
+    model: AllocatorModel,
+    cfg: str,
+    transients: Iterable[float],
+    persistent_bytes: float,
+    cap_bytes: float,
+    *,
+    reclaim_every: int = 0,
+    seed: int = 0,
+) -> ReplaySummary:
+    """Step an AllocatorState through a stream of transient needs under a fixed cap."""
+    state = AllocatorState(model, cfg)
+    rng = np.random.default_rng(seed)
+    oom = retries = 0
+    p_oom = mu = cached = 0.0
+    n = 0
+    for i, t in enumerate(transients):
+        out = state.step(int(persistent_bytes + t), int(cap_bytes), rng, transient_bytes=int(t))
+        oom += out.oom
+        retries += out.retries
+        p_oom += out.p_oom
+        mu += out.expected_retries
+        cached += out.reserved_bytes - out.allocated_bytes
+        n += 1
+        if reclaim_every > 0 and (i + 1) % reclaim_every == 0:
+            state.reclaim()
+    return ReplaySummary(oom, retries, cached / max(n, 1), p_oom, mu)

@@ -163,7 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"profile to write (default {DEFAULT_OUT})")
     ap.add_argument("--date", default=None, help="measurement date (default: the one in the data's README.md)")
     args = ap.parse_args(argv)
-    missing = [n for n in ("meta.json", "prefill.jsonl", "decode.jsonl", "switch.jsonl", "alloc.jsonl") if not (args.data / n).exists()]
+    missing = [
+        n
+        for n in ("meta.json", "prefill.jsonl", "decode.jsonl", "switch.jsonl", "alloc.jsonl")
+        if not (args.data / n).exists()
+    ]
     if missing:
         print(f"error: {args.data} lacks {', '.join(missing)} (need the shared H100 measurements)", file=sys.stderr)
         return 2

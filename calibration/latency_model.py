@@ -285,14 +285,19 @@ class _Interp:
         pairs = []
         if len(self.lines) < 2:
             return pairs
-        for j, x in enumerate(self.line_x):
+        for j in range(len(self.lines)):
             others = [i for i in range(len(self.lines)) if i != j]
             for u, y, m in zip(self.us[j], self.ys[j], self.ms[j], strict=True):
                 b = math.exp(u)
                 vals = [self._along(i, b, u) for i in others]
                 pred = _interp1(
-                    [self.lines[i] for i in others], [v[0] for v in vals], [v[1] for v in vals],
-                    self.lines[j], m, (1.0, 1.0), self.spacing_x,
+                    [self.lines[i] for i in others],
+                    [v[0] for v in vals],
+                    [v[1] for v in vals],
+                    self.lines[j],
+                    m,
+                    (1.0, 1.0),
+                    self.spacing_x,
                 )
                 pairs.append((y - m, pred - m, j in (0, len(self.lines) - 1)))
         return pairs
@@ -615,6 +620,8 @@ def leave_one_out(
         if kind == "prefill":
             pred = LatencyModel.fit(others, []).prefill_ms(r["B"], r["L"], r["backend"], r["precision"])
         else:
-            pred = LatencyModel.fit([], others).decode_ms(r["B"], r["C"], r["backend"], r["precision"], r["cuda_graphs"])
+            pred = LatencyModel.fit([], others).decode_ms(
+                r["B"], r["C"], r["backend"], r["precision"], r["cuda_graphs"]
+            )
         out.append((r, pred))
     return out

@@ -71,7 +71,10 @@ class MemoryModel:
 
     @classmethod
     def fit(
-        cls, model: Mapping[str, Any], prefill_rows: Iterable[Mapping[str, Any]], decode_rows: Iterable[Mapping[str, Any]]
+        cls,
+        model: Mapping[str, Any],
+        prefill_rows: Iterable[Mapping[str, Any]],
+        decode_rows: Iterable[Mapping[str, Any]],
     ) -> MemoryModel:
         out = cls(int(model["layers"]), int(model["d_model"]))
         pre = [r for r in prefill_rows if r.get("peak_alloc")]

@@ -299,7 +299,9 @@ def profile_path(name_or_path: str | Path) -> Path:
     if shipped.exists():
         return shipped
     names = ", ".join(list_profiles()) or "none"
-    raise ProfileError(f"no profile named {str(name_or_path)!r}; shipped profiles: {names}; or give a path to a .json file")
+    raise ProfileError(
+        f"no profile named {str(name_or_path)!r}; shipped profiles: {names}; or give a path to a .json file"
+    )
 
 
 def load_profile(name_or_path: str | Path) -> Profile:

@@ -21,11 +21,26 @@ from ..engine.executor import Batch, Capacity, MemoryReading, StepResult, Switch
 from ..engine.knobs import Knobs, not_applicable
 from ..engine.request import Request
 from .alloc_model import AllocatorState
-from .profile import Profile, load_profile
+from .profile import Profile, load_profile, profile_path
 
 # Latency lookups are memoised on inputs rounded to this relative step (~3%): the model
 # is smooth, and a dictionary hit costs far less than a prediction.
 _LOG_STEP = 0.03
+
+
+_LOADED: dict[tuple[str, int], Profile] = {}
+
+
+def cached_profile(name_or_path: str) -> Profile:
+    """A profile loaded (and its models fitted) once per process and file version: an
+    environment resets thousands of times and must not refit the latency model each time."""
+    path = profile_path(name_or_path).resolve()
+    key = (str(path), path.stat().st_mtime_ns)
+    if key not in _LOADED:
+        profile = load_profile(path)
+        profile.latency()._sim_memo = {}  # latency lookups shared by every executor of this profile
+        _LOADED[key] = profile
+    return _LOADED[key]
 
 
 def _bucket(x: float) -> int:
@@ -49,7 +64,7 @@ class SimExecutor:
         seed: int = 0,
         noise: bool = False,
     ) -> None:
-        self.profile = load_profile(profile) if isinstance(profile, str) else profile
+        self.profile = cached_profile(profile) if isinstance(profile, str) else profile
         self.device_type = self.profile.device["type"]
         self.latency = self.profile.latency()
         self.mem_model = self.profile.memory()
@@ -62,7 +77,7 @@ class SimExecutor:
         self.noise = noise
         self.knobs = Knobs()
         self._alloc: AllocatorState | None = None
-        self._cache: dict[tuple, float] = {}
+        self._cache: dict[tuple, float] = getattr(self.latency, "_sim_memo", {})
         self._graph_buckets: set[int] = set()
         self._context_tokens = 0  # KV tokens held by running requests (mirrors the scheduler)
         self._held: dict[int, int] = {}  # rids holding KV

@@ -103,6 +103,19 @@ def knobs_to_action(knobs: Knobs) -> np.ndarray:
 
 def decode_action(action: Sequence[int] | np.ndarray, device_type: str) -> tuple[Knobs, list[str]]:
     """Knobs for an action, repaired to the nearest valid config; returns the repairs made."""
+    if isinstance(action, np.ndarray) and action.dtype.kind in "iu" and action.shape == (len(KNOB_TABLES),):
+        knobs, flags = _decode_cached(tuple(action.tolist()), device_type)
+        return knobs, list(flags)
+    return _decode(action, device_type)
+
+
+@functools.lru_cache(maxsize=4096)
+def _decode_cached(action: tuple[int, ...], device_type: str) -> tuple[Knobs, tuple[str, ...]]:
+    knobs, flags = _decode(action, device_type)
+    return knobs, tuple(flags)
+
+
+def _decode(action: Sequence[int] | np.ndarray, device_type: str) -> tuple[Knobs, list[str]]:
     flags: list[str] = []
     try:
         idx = np.asarray(action, dtype=np.float64).reshape(-1)

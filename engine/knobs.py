@@ -75,7 +75,7 @@ class Knobs:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {name: getattr(self, name) for name in _FIELDS}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Knobs:
@@ -97,6 +97,9 @@ class Knobs:
             return cls.from_dict(data)
         except KnobError as exc:
             raise KnobError(f"{path}: {exc}") from exc
+
+
+_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Knobs))
 
 
 def _check_int(name: str, value: Any, lo: int, hi: int) -> None:

@@ -191,6 +191,7 @@ class InferenceTuningEnv(gym.Env):
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
         self.scenario = self._draw_scenario()
+        self._scenario_dict = self.scenario.to_dict()
         engine_seed = int(self.np_random.integers(2**31 - 1))
         self.engine = self._build_engine(self.scenario, engine_seed)
         self._steps = 0
@@ -248,7 +249,7 @@ class InferenceTuningEnv(gym.Env):
             "slo_attainment": tel.slo_avg,
             "ooms": tel.ooms,
             "nonfinite_obs": self.features.nonfinite,
-            "scenario": self.scenario.__dict__,
+            "scenario": dict(self._scenario_dict),
         }
 
 

@@ -33,7 +33,7 @@ class ExportError(ValueError):
 
 
 def detect_algo(model_path: str | Path) -> str:
-    """ "MaskablePPO" or "PPO", from the policy class recorded in the SB3 zip (without unpickling)."""
+    """The algorithm, "MaskablePPO" or "PPO", from the policy class recorded in the SB3 zip (nothing unpickled)."""
     try:
         with zipfile.ZipFile(model_path) as zf:
             data = json.loads(zf.read("data"))
@@ -66,7 +66,9 @@ def extract_actor(policy: Any) -> tuple[list[tuple[np.ndarray, np.ndarray]], tup
     import torch.nn as nn
     from stable_baselines3.common.torch_layers import FlattenExtractor
 
-    extractor = getattr(policy, "pi_features_extractor", None) or policy.features_extractor
+    extractor = getattr(policy, "pi_features_extractor", None)
+    if extractor is None:
+        extractor = policy.features_extractor
     if not isinstance(extractor, FlattenExtractor):
         raise ExportError(
             f"the actor's features extractor is {type(extractor).__name__}; only FlattenExtractor is supported"

@@ -4,6 +4,8 @@ The graph is built from the exported `weights.npz` and manifest with the onnx he
 torch): normalisation in float64 as VecNormalize does it, the cast to float32, the Linear
 layers as Gemm, and one ArgMax per action head. Input `obs` is float64 `[N, obs_dim]`; output
 `action` is int64 `[N, heads]`. `check_onnx` compares it with `RuntimePolicy` on onnxruntime.
+ONNX's ArgMax takes the plain argmax of the logits; RuntimePolicy also reproduces SB3's rounding
+of near ties (logits within ~1e-7), so the two can differ on such observations (a few per million).
 """
 
 from __future__ import annotations

@@ -1,0 +1,94 @@
+"""Leave-one-out accuracy of the latency model on the shared H100 measurements.
+
+For every row of prefill.jsonl and decode.jsonl: fit on all the other rows of that file,
+predict the held-out row. Prints the mean absolute percentage error (MAPE) per file, per
+group (backend x precision x cuda_graphs) and overall, and pass/fail against the limits:
+bf16 prefill <= 10%, CUDA-graph decode <= 10%, eager decode <= 20%.
+
+    .venv/bin/python benchmarks/latency_loo.py [DATA_DIR]      (default ../shared/data/h100)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from autoopt.calibration.latency_model import leave_one_out
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "h100"
+LIMITS = {"prefill bf16": 10.0, "decode cuda-graphs": 10.0, "decode eager": 20.0}
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with path.open() as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def mape(errors: list[float]) -> float:
+    return 100.0 * sum(errors) / len(errors) if errors else float("nan")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("data", nargs="?", type=Path, default=DEFAULT_DATA, help=f"default {DEFAULT_DATA}")
+    ap.add_argument("--worst", type=int, default=5, help="show this many worst rows per file")
+    args = ap.parse_args(argv)
+    files = {kind: args.data / f"{kind}.jsonl" for kind in ("prefill", "decode")}
+    missing = [str(p) for p in files.values() if not p.exists()]
+    if missing:
+        print(f"error: measurement file(s) not found: {', '.join(missing)}", file=sys.stderr)
+        print("give the folder with prefill.jsonl and decode.jsonl as the first argument", file=sys.stderr)
+        return 2
+
+    limits_seen: dict[str, list[float]] = defaultdict(list)
+    overall: list[float] = []
+    for kind, path in files.items():
+        rows = read_jsonl(path)
+        t0 = time.perf_counter()
+        results = leave_one_out(rows, kind)
+        secs = time.perf_counter() - t0
+        groups: dict[str, list[float]] = defaultdict(list)
+        scored = []
+        for row, pred in results:
+            err = abs(pred - row["ms"]) / row["ms"]
+            graphs = kind == "decode" and row["cuda_graphs"]
+            label = f"{row['backend']:9s} {row['precision']:9s}" + (
+                f" {'graphs' if graphs else 'eager'}" if kind == "decode" else ""
+            )
+            groups[label].append(err)
+            overall.append(err)
+            scored.append((err, row, pred))
+            if kind == "prefill" and row["precision"] == "bf16":
+                limits_seen["prefill bf16"].append(err)
+            if kind == "decode":
+                limits_seen["decode cuda-graphs" if graphs else "decode eager"].append(err)
+        all_err = [e for errs in groups.values() for e in errs]
+        print(f"\n{path}  ({len(rows)} rows, {secs:.1f} s)   MAPE {mape(all_err):5.1f}%")
+        for label in sorted(groups):
+            print(f"  {label}  n={len(groups[label]):3d}  MAPE {mape(groups[label]):5.1f}%")
+        second = "L" if kind == "prefill" else "C"
+        print(f"  worst {args.worst}:")
+        for err, row, pred in sorted(scored, key=lambda t: -t[0])[: args.worst]:
+            print(
+                f"    {row['backend']:9s} {row['precision']:9s} B={row['B']:<4d} {second}={row[second]:<5d}"
+                f"{' graphs' if row.get('cuda_graphs') else ''}  measured {row['ms']:8.3f} ms"
+                f"  predicted {pred:8.3f} ms  ({100 * err:5.1f}%)"
+            )
+    print(f"\noverall MAPE {mape(overall):5.1f}%  ({len(overall)} rows)")
+    ok = True
+    for name, limit in LIMITS.items():
+        value = mape(limits_seen[name])
+        passed = value <= limit
+        ok &= passed
+        print(f"  {name:20s} MAPE {value:5.1f}%  limit {limit:4.1f}%  {'PASS' if passed else 'FAIL'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,179 @@
+"""Check a profile's latency predictions against measured rows (`autoopt calibrate check`).
+
+The rows are in the format of shared/data/h100 prefill.jsonl / decode.jsonl, mixed freely:
+a row with "L" is a prefill, one with "C" a decode step (`cuda_graphs` missing -> false).
+Any grid point may be checked, including ones the profile never saw: that is the point.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .latency_model import normalise_row
+from .profile import Profile, ProfileError, load_profile
+
+
+class CheckError(ValueError):
+    """Rows that cannot be checked (names the file and line)."""
+
+
+@dataclass
+class CheckedRow:
+    kind: str
+    B: int
+    x: int  # L for prefill, C for decode
+    backend: str
+    precision: str
+    cuda_graphs: bool
+    measured_ms: float
+    predicted_ms: float
+    source: str = ""  # "file:line" when read from a file
+
+    @property
+    def error(self) -> float:
+        return abs(self.predicted_ms - self.measured_ms) / self.measured_ms
+
+    @property
+    def group(self) -> str:
+        mode = f" {'graphs' if self.cuda_graphs else 'eager'}" if self.kind == "decode" else ""
+        return f"{self.kind} {self.backend} {self.precision}{mode}"
+
+
+@dataclass
+class CheckResult:
+    profile: str
+    profile_sha256: str
+    n: int
+    mape: float  # percent
+    by_kind: dict[str, tuple[int, float]] = field(default_factory=dict)  # kind -> (n, MAPE %)
+    by_group: dict[str, tuple[int, float]] = field(default_factory=dict)
+    worst: list[CheckedRow] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["by_kind"] = {k: {"n": n, "mape": m} for k, (n, m) in self.by_kind.items()}
+        d["by_group"] = {k: {"n": n, "mape": m} for k, (n, m) in self.by_group.items()}
+        d["worst"] = [{**asdict(r), "error_pct": 100.0 * r.error} for r in self.worst]
+        return d
+
+
+def _kind(row: Mapping[str, Any]) -> str:
+    has_l, has_c = "L" in row, "C" in row
+    if has_l and has_c:
+        raise ValueError("row has both 'L' (prefill) and 'C' (decode)")
+    if not (has_l or has_c):
+        raise ValueError("row has neither 'L' (prefill) nor 'C' (decode)")
+    return "prefill" if has_l else "decode"
+
+
+def load_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
+    """Read a .jsonl of measured rows: [(\"file:line\", row)]. CheckError names the bad line."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise CheckError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CheckError(f"{where}: not valid JSON ({exc.msg})") from exc
+        if not isinstance(row, dict):
+            raise CheckError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        if row.get("summary"):
+            continue
+        try:
+            normalise_row(row, _kind(row))
+        except ValueError as exc:
+            raise CheckError(f"{where}: {exc}") from exc
+        out.append((where, row))
+    if not out:
+        raise CheckError(f"{path}: no rows to check")
+    return out
+
+
+def check_profile(
+    profile: Profile, rows: Iterable[Mapping[str, Any] | tuple[str, Mapping[str, Any]]], worst: int = 10
+) -> CheckResult:
+    """Predict every row with the profile's latency model; MAPE overall, per kind and group, worst rows."""
+    model = profile.latency()
+    checked: list[CheckedRow] = []
+    for i, item in enumerate(rows):
+        source, row = item if isinstance(item, tuple) else (f"row {i}", item)
+        try:
+            kind = _kind(row)
+            r = normalise_row(row, kind)
+        except ValueError as exc:
+            raise CheckError(f"{source}: {exc}") from exc
+        if kind == "prefill":
+            pred = model.prefill_ms(r["B"], r["L"], r["backend"], r["precision"])
+            x, graphs = r["L"], False
+        else:
+            pred = model.decode_ms(r["B"], r["C"], r["backend"], r["precision"], r["cuda_graphs"])
+            x, graphs = r["C"], r["cuda_graphs"]
+        checked.append(CheckedRow(kind, r["B"], x, r["backend"], r["precision"], graphs, r["ms"], pred, source))
+    if not checked:
+        raise CheckError("no rows to check")
+
+    def summary(items: list[CheckedRow]) -> tuple[int, float]:
+        return len(items), 100.0 * sum(c.error for c in items) / len(items)
+
+    by_kind: dict[str, list[CheckedRow]] = defaultdict(list)
+    by_group: dict[str, list[CheckedRow]] = defaultdict(list)
+    for c in checked:
+        by_kind[c.kind].append(c)
+        by_group[c.group].append(c)
+    n, total = summary(checked)
+    return CheckResult(
+        profile=profile.name,
+        profile_sha256=profile.sha256(),
+        n=n,
+        mape=total,
+        by_kind={k: summary(v) for k, v in sorted(by_kind.items())},
+        by_group={k: summary(v) for k, v in sorted(by_group.items())},
+        worst=sorted(checked, key=lambda c: -c.error)[:worst],
+    )
+
+
+def format_check(result: CheckResult) -> str:
+    lines = [
+        f"profile {result.profile} (sha256 {result.profile_sha256[:12]}): {result.n} rows, MAPE {result.mape:.1f}%",
+        "",
+        f"{'group':40s} {'rows':>5s} {'MAPE':>7s}",
+    ]
+    for name, (n, m) in result.by_kind.items():
+        lines.append(f"{'all ' + name:40s} {n:5d} {m:6.1f}%")
+    for name, (n, m) in result.by_group.items():
+        lines.append(f"{name:40s} {n:5d} {m:6.1f}%")
+    if result.worst:
+        lines += ["", "worst rows:"]
+        for r in result.worst:
+            x = f"{'L' if r.kind == 'prefill' else 'C'}={r.x}"
+            lines.append(
+                f"  {r.group:32s} B={r.B:<5d} {x:8s} measured {r.measured_ms:9.3f} ms  predicted "
+                f"{r.predicted_ms:9.3f} ms  {100 * r.error:6.1f}%  {r.source}"
+            )
+    return "\n".join(lines)
+
+
+def check_main(profile_spec: str, against_path: str | Path, as_json: bool = False) -> int:
+    """CLI body: 0 when the check ran, 2 when the profile or the rows cannot be read."""
+    try:
+        profile = load_profile(profile_spec)
+        rows = load_rows(against_path)
+        result = check_profile(profile, rows)
+    except (ProfileError, CheckError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.to_dict(), indent=2) if as_json else format_check(result))
+    return 0
