@@ -126,15 +126,15 @@ class SimExecutor:
         return report
 
     # -- execution --------------------------------------------------------------------
-    def execute(self, batch: Batch) -> StepResult:
+    def iteration_ms(self, batch: Batch) -> float:
+        """The predicted time of one iteration (charging a graph capture the first time a
+        batch-size bucket replays), without touching the memory state."""
         k = self.knobs
         cuda = self.device_type == "cuda"
         attention = k.attention if cuda or k.attention in ("flash", "math") else "flash"
         precision = k.precision if cuda or k.precision != "fp32_tf32" else "fp32"
         graphs = k.cuda_graphs and cuda
-        ms = self._pending_ms
-        self._pending_ms = 0.0
-        l_max = 0
+        ms = 0.0
         if batch.prefill:
             l_max = max(r.context_len for r in batch.prefill)
             ms += self._prefill_ms(len(batch.prefill), l_max, attention, precision)
@@ -148,12 +148,20 @@ class SimExecutor:
             ms += self._decode_ms(b, c_mean, attention, precision, graphs)
         if self.noise:
             ms *= float(self.rng.lognormal(0.0, 0.02))
-        need = self._need_bytes(batch, l_max, precision)
+        return ms
+
+    def execute(self, batch: Batch) -> StepResult:
+        ms = self._pending_ms + self.iteration_ms(batch)
+        self._pending_ms = 0.0
+        precision = self.knobs.precision if self.device_type == "cuda" or self.knobs.precision != "fp32_tf32" else "fp32"
+        l_max = max((r.context_len for r in batch.prefill), default=0)
+        n_dec = len(batch.decode)
+        need, transient = self._need_bytes(batch, l_max, precision)
         self._used = need
         if need > self.capacity_bytes:
             return self._oom(batch, ms)
         if self._alloc is not None:
-            out = self._alloc.step(need, self.capacity_bytes, self.rng)
+            out = self._alloc.step(need, self.capacity_bytes, self.rng, transient_bytes=transient)
             self._retries += out.retries
             self._reserved = out.reserved_bytes
             self._frag = out.fragmentation_bytes
@@ -170,13 +178,14 @@ class SimExecutor:
         self._pending_ms += float(self._switch.get("empty_cache_ms", 0.0))
         return StepResult(ms=ms, oom=True, error="out of memory (simulated)")
 
-    def _need_bytes(self, batch: Batch, l_max: int, precision: str) -> int:
+    def _need_bytes(self, batch: Batch, l_max: int, precision: str) -> tuple[int, int]:
+        """Bytes the iteration needs at its peak, and the transient (activation) part."""
         mm = self.mem_model
         kv_tokens = self._context_tokens + batch.prefill_tokens + len(batch.decode)
         transient = mm.prefill_activation_bytes(len(batch.prefill), l_max, precision) if batch.prefill else 0
         if batch.decode:
             transient = max(transient, mm.decode_activation_bytes(len(batch.decode), precision))
-        return int(mm.weight_bytes(precision) + kv_tokens * mm.kv_bytes_per_token(precision) + transient)
+        return int(mm.weight_bytes(precision) + kv_tokens * mm.kv_bytes_per_token(precision) + transient), int(transient)
 
     def _prefill_ms(self, b: int, length: int, attention: str, precision: str) -> float:
         key = (0, b, _bucket(length), attention, precision)

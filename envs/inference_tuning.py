@@ -72,6 +72,12 @@ which PPO's defaults behave.
 - terminated: every request of the episode's trace window has arrived and left the engine.
 - truncated: `episode_steps` steps have run.
 
+## Live backend
+``backend="live"`` runs the real torch engine (``model``, ``device``). Its clock is the
+measured time of each iteration (``live_clock="measured"``), so two live episodes differ
+even under one seed; ``live_clock="profile"`` keeps the real execution but charges the
+clock from the profile, for reproducible live episodes.
+
 ## Randomisation
 At each reset the env's seeded generator draws the trace (`randomize["traces"]`), the
 load scale (`randomize["load_scale"]`: [low, high]), the memory cap in GiB
@@ -121,10 +127,14 @@ class InferenceTuningEnv(gym.Env):
         initial_knobs: dict[str, Any] | None = None,
         randomize: dict[str, Any] | None = None,
         noise: bool = False,
+        live_clock: str = "measured",
     ) -> None:
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if live_clock not in ("measured", "profile"):
+            raise ValueError(f"live_clock must be 'measured' or 'profile', got {live_clock!r}")
+        self.live_clock = live_clock
         if episode_steps < 1 or iterations_per_step < 1:
             raise ValueError("episode_steps and iterations_per_step must be >= 1")
         if not (math.isfinite(load_scale) and load_scale > 0):
@@ -181,6 +191,7 @@ class InferenceTuningEnv(gym.Env):
             model=self.model,
             device=self.device,
             noise=self.noise,
+            live_clock=self.live_clock,
         )
         self._device_type = executor.device_type
         knobs, _ = decode_action(knobs_to_action(self.initial_knobs), self._device_type)

@@ -60,7 +60,10 @@ def build_executor(
     model: str = "tiny",
     device: str = "cpu",
     noise: bool = False,
+    live_clock: str = "measured",
 ) -> Any:
+    """The executor of a scenario. `live_clock="profile"` runs the live engine with its
+    clock charged from a profile (reproducible episodes); "measured" uses the stopwatch."""
     cap = int(s.memory_cap_gib * GIB) if s.memory_cap_gib else None
     if backend == "sim":
         from ..calibration.sim_executor import SimExecutor
@@ -69,7 +72,12 @@ def build_executor(
     if backend == "live":
         from ..engine.torch_executor import TorchExecutor
 
-        return TorchExecutor(model, device=device, max_slots=min(max_slots, 64), memory_cap_bytes=cap, seed=seed)
+        live = TorchExecutor(model, device=device, max_slots=min(max_slots, 64), memory_cap_bytes=cap, seed=seed)
+        if live_clock == "profile":
+            from ..calibration.profile_clock import ProfileClockExecutor
+
+            return ProfileClockExecutor(live, s.profile or ("cpu-tiny" if live.device_type == "cpu" else "h100-gpt2-small"))
+        return live
     raise ValueError(f"backend must be 'sim' or 'live', got {backend!r}")
 
 
