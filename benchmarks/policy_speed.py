@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -64,6 +65,7 @@ def train_small_model(workdir: Path, obs_dim: int = 16, steps: int = 2048) -> tu
     import gymnasium as gym
     from gymnasium import spaces
     from stable_baselines3 import PPO
+    from stable_baselines3.common.logger import Logger
     from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
     class Env(gym.Env):
@@ -88,6 +90,7 @@ def train_small_model(workdir: Path, obs_dim: int = 16, steps: int = 2048) -> tu
     venv = VecNormalize(DummyVecEnv([Env]))
     venv.seed(0)
     model = PPO("MlpPolicy", venv, n_steps=256, batch_size=64, seed=0, device="cpu", verbose=0)
+    model.set_logger(Logger(folder=None, output_formats=[]))  # no /tmp/SB3-* directory
     model.learn(steps)
     model.save(workdir / "model.zip")
     venv.save(str(workdir / "vecnormalize.pkl"))
@@ -175,6 +178,14 @@ def fresh_process(policy_dir: Path, runs: int) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    tmp = Path(tempfile.mkdtemp(prefix="policy_speed_"))
+    try:
+        return run(argv, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(argv: list[str] | None, tmp: Path) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--policy", type=Path, help="exported policy directory (default: train and export a small one)")
     ap.add_argument("--model", type=Path, help="the SB3 model zip the policy was exported from")
@@ -192,7 +203,6 @@ def main(argv: list[str] | None = None) -> int:
     from autoopt.policies import RuntimePolicy
     from autoopt.policies.export import export_policy, sample_observations, sb3_predict
 
-    tmp = Path(tempfile.mkdtemp(prefix="policy_speed_"))
     if args.policy is None:
         print(f"training a small PPO model in {tmp} ...", flush=True)
         args.model, args.vecnormalize = train_small_model(tmp)

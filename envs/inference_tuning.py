@@ -241,7 +241,7 @@ class InferenceTuningEnv(gym.Env):
 
     def action_masks(self) -> np.ndarray:
         current = self.engine.knobs if self.engine is not None else None
-        return action_mask(self._device_type, current)
+        return action_mask(self._device_type, current).copy()
 
     def _info(self, parts: dict[str, float], repairs: list[str], iterations: int) -> dict[str, Any]:
         engine = self.engine

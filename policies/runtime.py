@@ -171,6 +171,15 @@ class RuntimePolicy:
     def action_names(self) -> tuple[str, ...]:
         return tuple(name for name, _ in self._tables)
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """Pickle and copy by rebuilding from the manifest and weights: each copy gets its own buffers
+        (so `copy.copy(policy)` is how to give another thread its own policy)."""
+        refs = [*self._manifest["layers"], self._manifest["action_head"]]
+        arrays = {}
+        for ref, (w, b) in zip(refs, [*self._layers, self._head], strict=True):
+            arrays[ref["w"]], arrays[ref["b"]] = w, b
+        return (type(self), (self._manifest, arrays, self._source))
+
     def __repr__(self) -> str:
         return (
             f"RuntimePolicy({self._source!r}, obs_dim={self.obs_dim}, action_dims={self._action_dims}, "

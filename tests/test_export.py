@@ -62,6 +62,7 @@ def obs_mask(obs: np.ndarray) -> np.ndarray:
 
 
 def train(tmp: Path, algo: str, normalize: bool = True) -> tuple[Path, Path | None]:
+    from stable_baselines3.common.logger import Logger
     from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
     env_cls = MaskedKnobEnv if algo == "MaskablePPO" else KnobEnv
@@ -74,6 +75,7 @@ def train(tmp: Path, algo: str, normalize: bool = True) -> tuple[Path, Path | No
     else:
         from stable_baselines3 import PPO as Algo
     model = Algo("MlpPolicy", venv, n_steps=64, batch_size=32, n_epochs=2, seed=3, device="cpu", verbose=0)
+    model.set_logger(Logger(folder=None, output_formats=[]))  # SB3 would otherwise make a /tmp/SB3-* dir per run
     model.learn(256)
     tmp.mkdir(parents=True, exist_ok=True)
     model.save(tmp / "model.zip")

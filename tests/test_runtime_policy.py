@@ -228,6 +228,19 @@ def test_act_returns_fresh_int64_and_accepts_lists_and_float32(policy_dir: Path)
     assert policy.obs_dim == 12 and policy.action_dims == (3, 4, 2, 2, 5)
 
 
+def test_pickle_and_copy_rebuild_with_own_buffers(policy_dir: Path) -> None:
+    import copy
+    import pickle
+
+    policy = RuntimePolicy.load(policy_dir)
+    obs = random_obs(policy, 200)
+    expected = policy.act_batch(obs)
+    for other in (pickle.loads(pickle.dumps(policy)), copy.copy(policy), copy.deepcopy(policy)):
+        assert other.act is not policy.act
+        np.testing.assert_array_equal(np.array([other.act(o) for o in obs]), expected)
+        assert other.manifest == policy.manifest
+
+
 def test_act_refuses_bad_observations(policy_dir: Path) -> None:
     policy = RuntimePolicy.load(policy_dir)
     with pytest.raises(ValueError, match=r"shape \[12\], got \[11\]"):

@@ -1,0 +1,114 @@
+"""Training end to end on a small config: TensorBoard tags, checkpoints, resume, export,
+and the evaluation against the baselines on a trace file given by path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from autoopt.envs import ENV_ID
+from autoopt.policies.runtime import RuntimePolicy
+from autoopt.training.evaluate import evaluate_main
+from autoopt.training.train import load_config, train
+
+SMALL = {
+    ENV_ID: {
+        "algo": "MaskablePPO",
+        "policy": "MlpPolicy",
+        "n_timesteps": 512,
+        "n_envs": 2,
+        "seed": 3,
+        "normalize": "dict(norm_obs=True, norm_reward=True)",
+        "n_steps": 128,
+        "batch_size": 128,
+        "n_epochs": 2,
+        "policy_kwargs": "dict(net_arch=[16, 16], activation_fn=nn.Tanh)",
+        "env_kwargs": {
+            "profile": "h100-gpt2-small",
+            "slo_ttft_ms": 500,
+            "slo_tpot_ms": 20,
+            "episode_steps": 64,
+            "iterations_per_step": 2,
+            "window_s": 30,
+            "randomize": {"traces": ["azure-conv"], "load_scale": [4.0, 8.0], "memory_cap_gib": [2.0, 4.0]},
+        },
+        "eval": {"freq": 256, "scenarios": [{"trace": "azure-conv", "load_scale": 6.0, "start_s": 300, "duration_s": 8}]},
+    }
+}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("train")
+    cfg = base / "small.yaml"
+    cfg.write_text(yaml.safe_dump(SMALL))
+    return train(cfg, logdir=base / "runs", out="small", progress_bar=False, checkpoint_freq=256)
+
+
+def _tags(run_dir: Path) -> set[str]:
+    tags: set[str] = set()
+    for events in (run_dir / "tb").rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events), size_guidance={"tensors": 0, "scalars": 0, "histograms": 0})
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"]) | set(acc.Tags()["histograms"]) | set(acc.Tags()["tensors"])
+    return tags
+
+
+def test_tensorboard_event_files_hold_the_environment_and_eval_tags(run_dir):
+    tags = _tags(run_dir)
+    for tag in ("env/goodput_rps", "env/slo_attainment", "env/ttft_avg_ms", "env/reward_goodput",
+                "env/reward_oom", "env/reward_rejected", "env/reward_switch", "eval/goodput_ratio_vs_best_static",
+                "eval/goodput_best_static", "train/entropy_loss", "knobs/max_num_seqs", "knobs/attention"):
+        assert tag in tags, f"{tag} missing from TensorBoard: {sorted(tags)}"
+    assert any(t.startswith("_hparams_") for t in tags)
+
+
+def test_run_saves_model_checkpoints_and_a_loadable_runtime_policy(run_dir):
+    assert (run_dir / "model.zip").exists() and (run_dir / "vecnormalize.pkl").exists()
+    assert list((run_dir / "checkpoints").glob("rl_model_*_steps.zip"))
+    policy = RuntimePolicy.load(run_dir / "policy")
+    assert policy.manifest["env_id"] == ENV_ID and policy.manifest["timesteps"] >= 512
+    assert policy.manifest["profile"]["name"] == "h100-gpt2-small" and len(policy.manifest["profile"]["sha256"]) == 64
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())[ENV_ID]
+    assert saved["seed"] == 3 and load_config(run_dir / "config.yaml")["n_steps"] == 128
+
+
+def test_resume_continues_from_the_newest_checkpoint(run_dir, tmp_path):
+    cfg = tmp_path / "small.yaml"
+    cfg.write_text(yaml.safe_dump(SMALL))
+    out = train(cfg, timesteps=768, logdir=run_dir.parent, out=run_dir.name, resume=True, progress_bar=False,
+                eval_freq=10**9, checkpoint_freq=256)
+    meta = json.loads((out / "train.json").read_text())
+    assert meta["timesteps"] >= 768 + 256  # 512 (or 768) from the checkpoint, then 768 more
+
+
+def test_bad_config_is_refused_clearly(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"CartPole-v1": {}}))
+    with pytest.raises(SystemExit, match="autoopt/InferenceTuning-v0"):
+        load_config(bad)
+
+
+def test_evaluate_accepts_a_trace_file_and_writes_report_and_plots(run_dir, tmp_path, capsys):
+    src = Path(__file__).resolve().parents[1] / "engine" / "traces" / "azure_conv_2023_excerpt.csv"
+    trace = tmp_path / "mine.csv"
+    trace.write_bytes(b"".join(src.read_bytes().splitlines(keepends=True)[:400]))
+    report_path, plots = tmp_path / "eval.json", tmp_path / "plots"
+    rc = evaluate_main(["--policy", str(run_dir / "policy"), "--trace", str(trace), "--load-scale", "6",
+                        "--memory-cap", "3", "--duration", "10", "--report", str(report_path), "--plots", str(plots),
+                        "--best-static-on", "eval"])
+    assert rc == 0
+    report = json.loads(report_path.read_text())
+    policies = {r["policy"] for r in report["results"]}
+    assert policies == {"ppo", "default", "best-static", "aimd", "oracle"}
+    for r in report["results"]:
+        for key in ("goodput_rps", "slo_attainment", "ttft_p99_ms", "tpot_p99_ms", "tokens_per_s", "ooms",
+                    "rejected", "lost"):
+            assert key in r
+        assert r["lost"] == 0
+    assert list(plots.glob("*.png"))
+    assert "best-static" in capsys.readouterr().out
