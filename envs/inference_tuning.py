@@ -128,8 +128,12 @@ class InferenceTuningEnv(gym.Env):
         randomize: dict[str, Any] | None = None,
         noise: bool = False,
         live_clock: str = "measured",
+        render_mode: str | None = None,
     ) -> None:
         super().__init__()
+        if render_mode is not None:
+            raise ValueError(f"InferenceTuning-v0 has no render modes, got render_mode={render_mode!r}")
+        self.render_mode = render_mode
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if live_clock not in ("measured", "profile"):

@@ -7,11 +7,26 @@ on first use.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from .runtime import FORMAT_VERSION, PolicyFileError, RuntimePolicy
 
-__all__ = ["FORMAT_VERSION", "PolicyFileError", "RuntimePolicy", "export_policy"]
+__all__ = ["FORMAT_VERSION", "SHIPPED_DIR", "PolicyFileError", "RuntimePolicy", "export_policy", "resolve_policy"]
+
+SHIPPED_DIR = Path(__file__).parent / "shipped"
+
+
+def resolve_policy(spec: str | Path) -> Path:
+    """A shipped policy by name (e.g. 'h100-gpt2-small') or an exported policy's path."""
+    path = Path(spec)
+    if path.exists():
+        return path
+    shipped = SHIPPED_DIR / str(spec)
+    if shipped.is_dir():
+        return shipped
+    names = sorted(p.name for p in SHIPPED_DIR.iterdir() if p.is_dir()) if SHIPPED_DIR.is_dir() else []
+    raise PolicyFileError(f"no policy at {str(spec)!r}; shipped policies: {', '.join(names) or 'none'}")
 
 
 def __getattr__(name: str) -> Any:

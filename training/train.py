@@ -74,7 +74,9 @@ def make_env(cfg: dict[str, Any], n_envs: int, seed: int, monitor_dir: Path | No
 
     import autoopt  # noqa: F401  (registers the env id)
 
-    return make_vec_env(ENV_ID, n_envs=n_envs, seed=seed, env_kwargs=cfg.get("env_kwargs", {}),
+    # render_mode=None: SB3 asks for rgb_array by default, which this env does not draw.
+    env_kwargs = {"render_mode": None, **cfg.get("env_kwargs", {})}
+    return make_vec_env(ENV_ID, n_envs=n_envs, seed=seed, env_kwargs=env_kwargs,
                         monitor_dir=str(monitor_dir) if monitor_dir else None)
 
 
