@@ -34,8 +34,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..engine.executor import Batch
 from ..engine.knobs import ALLOCATOR_MODES, HALF_ONLY_KERNELS, HALF_PRECISIONS, Knobs
 from ..engine.model import SDPA_BACKENDS, DecoderLM, model_config, round_ctx, transient_bytes
+from ..engine.request import Request
 from ..engine.torch_executor import (
     DTYPES,
     OOM_ERRORS,
@@ -49,15 +51,19 @@ FORMAT = "autoopt-profile"
 VERSION = 1
 
 _CPU_GRID: dict[str, Any] = {
-    "prefill": {"B": [1, 2, 4, 8, 16, 32], "L": [16, 32, 64, 128, 256], "max_tokens": 8192},
+    "prefill": {"B": [1, 2, 4, 8, 16, 32], "L": [16, 32, 64, 128, 256, 512], "max_tokens": 8192},
     "decode": {"B": [1, 2, 4, 8, 16, 32], "C": [32, 128, 256, 480], "max_tokens": None},
     "backends": ["flash", "math"],
     "precisions": ["fp32", "bf16"],
     "cuda_graphs": [False],
-    "warmup": 2,
-    "runs": 5,
-    "decode_warmup": 3,
-    "decode_runs": 10,
+    "warmup": 1,
+    "runs": 3,
+    "decode_warmup": 2,
+    "decode_runs": 8,
+    # Sweeps over the whole grid, each adding runs samples per point: a host shared with
+    # other work is slow in phases, and spreading a point's samples over the run averages them.
+    "passes": 4,
+    "stat": "mean",  # a point's ms: "mean" (10%-trimmed) or "median" of its samples
     "alloc": None,
 }
 _CUDA_GRID: dict[str, Any] = {
@@ -70,6 +76,8 @@ _CUDA_GRID: dict[str, Any] = {
     "runs": 5,
     "decode_warmup": 3,
     "decode_runs": 10,
+    "passes": 1,
+    "stat": "median",
     # (cfg, cap_frac): cap_frac 0 = uncapped
     "alloc": {
         "runs": [["default", 0.0], ["default", 1.3], ["expandable", 1.3], ["split128", 1.3], ["gc08_split128", 1.3]],
@@ -89,6 +97,7 @@ _QUICK: dict[str, dict[str, Any]] = {
         "runs": 3,
         "decode_warmup": 1,
         "decode_runs": 5,
+        "passes": 1,
     },
     "cuda": {
         "prefill": {"B": [1, 8, 64], "L": [128, 1024], "max_tokens": 131072},
@@ -137,16 +146,6 @@ def _combos(grid: dict[str, Any], device_type: str) -> tuple[list[tuple[str, str
             else:
                 combos.append((prec, backend))
     return combos, skipped
-
-
-def _stats(samples: Sequence[float]) -> tuple[float, float, float]:
-    return float(statistics.median(samples)), float(min(samples)), float(max(samples))
-
-
-def _measure(fn: Callable[[], float], warmup: int, runs: int) -> tuple[float, float, float]:
-    for _ in range(warmup):
-        fn()
-    return _stats([fn() for _ in range(max(1, runs))])
 
 
 class _Clock:
@@ -329,6 +328,8 @@ def calibrate(
     if threads is not None:
         torch.set_num_threads(int(threads))
     g = _merge(default_grid(dev.type, quick), grid)
+    if g.get("stat", "median") not in ("mean", "median"):
+        raise ValueError(f"grid stat must be 'mean' or 'median', got {g['stat']!r}")
     graphs = [bool(x) for x in g["cuda_graphs"] if dev.type == "cuda" or not x]
     combos, skipped = _combos(g, dev.type)
     pre_pts, dec_pts = _points(g, graphs)
@@ -363,87 +364,15 @@ def calibrate(
     ex = TorchExecutor(
         model_name, str(dev), max_slots=slots, max_context=ctx, knobs=Knobs(precision=base_prec, attention="math")
     )
-    weights_by_prec: dict[str, int] = {}
-    bar = tqdm(total=planned, desc=f"calibrate {model_name}/{dev.type}", disable=not progress, unit="pt")
-    measured = 0
+    passes = max(1, int(g.get("passes", 1)))
+    bar = tqdm(total=planned * passes, desc=f"calibrate {model_name}/{dev.type}", disable=not progress, unit="pt")
     try:
-        for prec, backend in combos:
-            if clock.out():
-                cut_reason = cut_reason or f"budget of {budget_s} s spent"
-                break
-            try:
-                ex.set_precision(prec)
-                ex.set_attention(backend)
-                ex.set_cuda_graphs(False)
-            except Exception as exc:
-                errors.append({"part": "switch", "precision": prec, "backend": backend, "error": _err(exc)})
-                bar.update(len(pre_pts) + len(dec_pts))
-                continue
-            kernels[f"{backend}/{prec}"] = dict(ex.effective_kernels)
-            wbytes = weights_by_prec.setdefault(prec, ex.weight_bytes)
-            elem = torch.empty((), dtype=DTYPES[prec]).element_size()
-            kv_tok = cfg.kv_bytes_per_token(elem)
-            for b, n in pre_pts:
-                if clock.out():
-                    cut_reason = f"budget of {budget_s} s spent"
-                    break
-                bar.set_postfix_str(f"prefill {backend}/{prec} B={b} L={n}")
-                try:
-                    med, lo, hi, trans = _prefill_point(ex, dev, g, b, n)
-                    if dev.type != "cuda":
-                        trans = transient_bytes(cfg, b, n, elem, ex.effective_kernels["prefill"])
-                    prefill_rows.append(
-                        {
-                            "B": b,
-                            "L": n,
-                            "backend": backend,
-                            "precision": prec,
-                            "ms": med,
-                            "ms_min": lo,
-                            "ms_max": hi,
-                            "peak_alloc": int(wbytes + b * n * kv_tok + trans),
-                        }
-                    )
-                    measured += 1
-                except Exception as exc:
-                    errors.append(
-                        {"part": "prefill", "B": b, "L": n, "backend": backend, "precision": prec, "error": _err(exc)}
-                    )
-                    _free_cuda(dev)
-                bar.update(1)
-            for b, c, graph in dec_pts:
-                if clock.out():
-                    cut_reason = f"budget of {budget_s} s spent"
-                    break
-                bar.set_postfix_str(f"decode {backend}/{prec} graphs={graph} B={b} C={c}")
-                try:
-                    ex.set_cuda_graphs(graph)
-                    row = _decode_point(ex, dev, g, b, c, graph)
-                    trans = row.pop("_trans")
-                    if dev.type != "cuda":
-                        span = round_ctx(c, ctx)
-                        trans = transient_bytes(cfg, b, span, elem, ex.effective_kernels["decode"], decode=True)
-                    row.update(backend=backend, precision=prec)
-                    row["peak_alloc"] = int(wbytes + b * c * kv_tok + trans)
-                    decode_rows.append(row)
-                    measured += 1
-                except Exception as exc:
-                    errors.append(
-                        {
-                            "part": "decode",
-                            "B": b,
-                            "C": c,
-                            "backend": backend,
-                            "precision": prec,
-                            "cuda_graphs": graph,
-                            "error": _err(exc),
-                        }
-                    )
-                    _free_cuda(dev)
-                bar.update(1)
-            ex.set_cuda_graphs(False)
+        grid_run = _GridRun(ex, cfg, dev, g, clock, bar, errors, kernels)
+        cut_reason = grid_run.run(combos, pre_pts, dec_pts, passes)
+        prefill_rows, decode_rows = grid_run.rows(combos, pre_pts, dec_pts)
     finally:
         bar.close()
+    measured = len(prefill_rows) + len(decode_rows)
     del ex
     _free_cuda(dev)
 
@@ -543,34 +472,185 @@ def _err(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
 
 
-def _prefill_point(ex: TorchExecutor, dev: torch.device, g: dict[str, Any], b: int, n: int):
-    (med, lo, hi), trans = _peak(dev, lambda: _measure(lambda: ex.time_prefill(b, n), g["warmup"], g["runs"]))
-    return med, lo, hi, trans
+def _summary(samples: Sequence[float], stat: str) -> tuple[float, float, float]:
+    """(typical, min, max) of a point's samples.
+
+    "mean" is a 10%-trimmed mean: the simulator adds iteration times up, so the expected
+    time is what makes its sums (busy time, queueing delay) match the engine's; on a
+    time-shared host the samples are bimodal and a median lands on one of the modes.
+    """
+    xs = sorted(samples)
+    if stat == "mean":
+        k = len(xs) // 10
+        typical = float(statistics.fmean(xs[k : len(xs) - k]))
+    else:
+        typical = float(statistics.median(xs))
+    return typical, float(xs[0]), float(xs[-1])
 
 
-def _decode_point(ex: TorchExecutor, dev: torch.device, g: dict[str, Any], b: int, c: int, graph: bool) -> dict:
-    """Decode timings; with graphs, capture_ms is the capture cost of the bucket's graph
-    (captured over the full max_context, so shared by every C) and its pool is counted in
-    the memory."""
-    ex.time_decode(b, c)  # first call: a warm-up; with graphs on, captures the bucket if new
-    bucket = ex._bucket(b)
+def _step_ms(ex: TorchExecutor, batch: Batch) -> float:
+    """One iteration through the engine's own path (`execute`), as the live engine runs it."""
+    res = ex.execute(batch)
+    if res.oom:
+        raise RuntimeError(f"out of memory: {res.error}")
+    return res.ms
 
-    def run() -> tuple[float, float, float]:
-        for _ in range(max(0, g["decode_warmup"] - 1)):
-            ex.time_decode(b, c)
-        return _stats([ex.time_decode(b, c)[0] for _ in range(max(1, g["decode_runs"]))])
 
-    (med, lo, hi), trans = _peak(dev, run)
-    return {
-        "B": b,
-        "C": c,
-        "cuda_graphs": graph,
-        "ms": med,
-        "ms_min": lo,
-        "ms_max": hi,
-        "capture_ms": ex.capture_ms.get(bucket) if graph else None,
-        "_trans": trans + (ex.graph_bytes.get(bucket, 0) if graph else 0),
-    }
+def _prefill_samples(ex: TorchExecutor, dev: torch.device, b: int, n: int, warmup: int, runs: int):
+    """ms of `runs` prefill iterations of `b` prompts of `n` tokens, and the transient bytes (CUDA)."""
+    ex._check_bench(b, n)
+
+    def once() -> float:
+        reqs = [Request(i, 0.0, n, 1) for i in range(b)]
+        try:
+            return _step_ms(ex, Batch(reqs, [], b * n, 0))
+        finally:
+            ex.release(reqs[::-1])  # last slot first: nothing to compact
+
+    for _ in range(warmup):
+        once()
+    return _peak(dev, lambda: [once() for _ in range(max(1, runs))])
+
+
+def _decode_samples(ex: TorchExecutor, dev: torch.device, b: int, c: int, warmup: int, runs: int):
+    """ms of `runs` decode iterations of `b` sequences whose mean context is `c`, the
+    capture ms of the bucket's graph (graphs on) and the transient bytes (CUDA).
+
+    The sequences are prefilled first (untimed), then step one token per iteration as in
+    serving; the first step, untimed, captures the bucket's graph when graphs are on.
+    """
+    ex._check_bench(b, c)
+    warmup, runs = max(1, warmup), max(1, runs)
+    steps = warmup + runs
+    ctx = ex.capacity.max_context
+    # step i attends over start + i + 1 positions: centre the timed steps on c
+    start = max(1, min(c - 1 - (2 * warmup + runs - 1) // 2, ctx - steps))
+    if start + steps > ctx:
+        raise ValueError(f"{steps} decode steps do not fit in max_context={ctx}")
+    reqs = [Request(i, 0.0, start, steps + 1) for i in range(b)]
+    try:
+        _step_ms(ex, Batch(reqs, [], b * start, 0))
+        decode = Batch([], reqs, 0, 0)
+        for _ in range(warmup):
+            _step_ms(ex, decode)
+        samples, trans = _peak(dev, lambda: [_step_ms(ex, decode) for _ in range(runs)])
+    finally:
+        ex.release(reqs[::-1])
+    return samples, ex.capture_ms.get(ex._bucket(b)), trans
+
+
+class _GridRun:
+    """The latency grid, measured in `passes` sweeps so that each point's samples are
+    spread over the run: a slow phase of a shared host then touches every point a little
+    rather than a few points a lot. Rows pool each point's samples over the passes."""
+
+    def __init__(self, ex, cfg, dev, g, clock, bar, errors, kernels) -> None:
+        self.ex, self.cfg, self.dev, self.g, self.clock, self.bar = ex, cfg, dev, g, clock, bar
+        self.errors, self.kernels = errors, kernels
+        self.samples: dict[tuple, list[float]] = {}
+        self.trans: dict[tuple, int] = {}
+        self.capture: dict[tuple, list[float]] = {}
+        self.failed: set[tuple] = set()
+        self.weights: dict[str, int] = {}
+
+    def run(self, combos, pre_pts, dec_pts, passes: int) -> str:
+        """Measure; returns why the grid was cut ('' if it was not)."""
+        ex, g, budget = self.ex, self.g, self.clock.budget_s
+        bad_combos: set[tuple[str, str]] = set()
+        for p in range(passes):
+            for prec, backend in combos:
+                if (prec, backend) in bad_combos:
+                    continue
+                if self.clock.out():
+                    return f"budget of {budget} s spent (pass {p + 1} of {passes})"
+                try:
+                    ex.set_precision(prec)
+                    ex.set_attention(backend)
+                    ex.set_cuda_graphs(False)
+                except Exception as exc:
+                    self.errors.append({"part": "switch", "precision": prec, "backend": backend, "error": _err(exc)})
+                    bad_combos.add((prec, backend))
+                    self.bar.update(len(pre_pts) + len(dec_pts))
+                    continue
+                self.kernels[f"{backend}/{prec}"] = dict(ex.effective_kernels)
+                self.weights.setdefault(prec, ex.weight_bytes)
+                for b, n in pre_pts:
+                    if self.clock.out():
+                        return f"budget of {budget} s spent (pass {p + 1} of {passes})"
+                    self.bar.set_postfix_str(f"pass {p + 1} prefill {backend}/{prec} B={b} L={n}")
+                    key = ("prefill", prec, backend, b, n, False)
+                    self._point(key, lambda b=b, n=n: _prefill_samples(ex, self.dev, b, n, g["warmup"], g["runs"]))
+                for b, c, graph in dec_pts:
+                    if self.clock.out():
+                        return f"budget of {budget} s spent (pass {p + 1} of {passes})"
+                    self.bar.set_postfix_str(f"pass {p + 1} decode {backend}/{prec} graphs={graph} B={b} C={c}")
+                    key = ("decode", prec, backend, b, c, graph)
+                    self._point(key, lambda b=b, c=c, graph=graph, k=key: self._decode(k, b, c, graph))
+                ex.set_cuda_graphs(False)
+        return ""
+
+    def _decode(self, key: tuple, b: int, c: int, graph: bool) -> tuple[list[float], int]:
+        self.ex.set_cuda_graphs(graph)
+        samples, capture, trans = _decode_samples(
+            self.ex, self.dev, b, c, self.g["decode_warmup"], self.g["decode_runs"]
+        )
+        if graph and capture:
+            self.capture.setdefault(key, []).append(float(capture))
+        return samples, trans + (self.ex.graph_bytes.get(self.ex._bucket(b), 0) if graph else 0)
+
+    def _point(self, key: tuple, measure: Callable[[], tuple[list[float], int]]) -> None:
+        if key not in self.failed:
+            try:
+                samples, trans = measure()
+                self.samples.setdefault(key, []).extend(samples)
+                self.trans[key] = max(self.trans.get(key, 0), int(trans))
+            except Exception as exc:
+                kind, prec, backend, b, x, graph = key
+                err = {"part": kind, "B": b, ("L" if kind == "prefill" else "C"): x, "backend": backend}
+                err.update(precision=prec, error=_err(exc))
+                if kind == "decode":
+                    err["cuda_graphs"] = graph
+                self.errors.append(err)
+                self.failed.add(key)
+                _free_cuda(self.dev)
+        self.bar.update(1)
+
+    def rows(self, combos, pre_pts, dec_pts) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        cfg, stat, ctx = self.cfg, self.g.get("stat", "median"), self.cfg.max_context
+        pre_rows: list[dict[str, Any]] = []
+        dec_rows: list[dict[str, Any]] = []
+        for prec, backend in combos:
+            if prec not in self.weights:
+                continue
+            wbytes = self.weights[prec]
+            elem = torch.empty((), dtype=DTYPES[prec]).element_size()
+            kv_tok = cfg.kv_bytes_per_token(elem)
+            kernels = self.kernels[f"{backend}/{prec}"]
+            for b, n in pre_pts:
+                key = ("prefill", prec, backend, b, n, False)
+                if key not in self.samples:
+                    continue
+                ms, lo, hi = _summary(self.samples[key], stat)
+                trans = self.trans[key]
+                if self.dev.type != "cuda":
+                    trans = transient_bytes(cfg, b, n, elem, kernels["prefill"])
+                row = {"B": b, "L": n, "backend": backend, "precision": prec, "ms": ms, "ms_min": lo, "ms_max": hi}
+                row["peak_alloc"] = int(wbytes + b * n * kv_tok + trans)
+                pre_rows.append(row)
+            for b, c, graph in dec_pts:
+                key = ("decode", prec, backend, b, c, graph)
+                if key not in self.samples:
+                    continue
+                ms, lo, hi = _summary(self.samples[key], stat)
+                trans = self.trans[key]
+                if self.dev.type != "cuda":
+                    trans = transient_bytes(cfg, b, round_ctx(c, ctx), elem, kernels["decode"], decode=True)
+                caps = self.capture.get(key)
+                row = {"B": b, "C": c, "cuda_graphs": graph, "ms": ms, "ms_min": lo, "ms_max": hi}
+                row.update(capture_ms=float(statistics.median(caps)) if caps else None, backend=backend, precision=prec)
+                row["peak_alloc"] = int(wbytes + b * c * kv_tok + trans)
+                dec_rows.append(row)
+        return pre_rows, dec_rows
 
 
 # -- the allocator under memory pressure (CUDA) -------------------------------------------

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .executor import Executor, MemoryReading, SwitchReport
+from .executor import Executor, MemoryReading, StepResult, SwitchReport
 from .knobs import Knobs
 from .request import Request
 from .scheduler import Scheduler
@@ -36,6 +36,7 @@ class EngineConfig:
     clock: str = "virtual"
     full_stats_every: int = 16  # iterations between reads of the allocator's full counters
     max_tries: int = 3
+    queue_timeout_s: float | None = None  # reject requests that waited longer (None: never)
 
     def __post_init__(self) -> None:
         if self.clock not in CLOCKS:
@@ -58,7 +59,7 @@ class Engine:
         self.executor = executor
         self.config = config or EngineConfig()
         self.requests = sorted(requests, key=lambda r: r.arrival_s)
-        self.scheduler = Scheduler(executor.capacity, self.config.max_tries)
+        self.scheduler = Scheduler(executor.capacity, self.config.max_tries, self.config.queue_timeout_s)
         self.telemetry = Telemetry(self.config.slo)
         self.controller = controller
         self.now_s = 0.0
@@ -157,9 +158,11 @@ class Engine:
         switch_ms, self._pending_switch_ms = self._pending_switch_ms, 0.0
 
         sched = self.scheduler
+        sched.expire(self.now_s)
         batch = sched.schedule(self.knobs)
         n_prefill, n_decode, prefill_tokens = len(batch.prefill), len(batch.decode), batch.prefill_tokens
-        result = self.executor.execute(batch)
+        # Everything queued may just have expired: then there is nothing to run.
+        result = StepResult(ms=0.0) if batch.empty else self.executor.execute(batch)
         if self.config.clock == "virtual":
             self.now_s += (result.ms + switch_ms) / 1e3
         else:

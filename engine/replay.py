@@ -48,6 +48,7 @@ def add_replay_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slo-ttft-ms", type=float, default=1000.0)
     p.add_argument("--slo-tpot-ms", type=float, default=100.0)
     p.add_argument("--clock", choices=("virtual", "realtime"), default="virtual")
+    p.add_argument("--queue-timeout-s", type=float, default=None, help="reject requests that waited longer than this")
     p.add_argument("--max-slots", type=int, default=64, help="KV-cache slots (most concurrent sequences)")
     p.add_argument("--memory-cap-gib", type=float, default=None, help="cap on device memory the engine may use")
     p.add_argument("--seed", type=int, default=0)
@@ -85,7 +86,9 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
         executor,
         trace.to_requests(),
         knobs,
-        EngineConfig(slo=SLO(args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3), clock=args.clock),
+        EngineConfig(
+            slo=SLO(args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3), clock=args.clock, queue_timeout_s=args.queue_timeout_s
+        ),
         controller=controller,
     )
     drain = args.duration if args.drain is None else args.drain

@@ -29,11 +29,12 @@ OOM_BACKOFF_RECOVERY = 1.0 / 64  # limits regain full size ~64 clean iterations 
 class Scheduler:
     """Owns the queue and the running set; every arrival ends in exactly one state."""
 
-    def __init__(self, capacity: Capacity, max_tries: int = 3) -> None:
+    def __init__(self, capacity: Capacity, max_tries: int = 3, queue_timeout_s: float | None = None) -> None:
         if max_tries < 1:
             raise ValueError(f"max_tries must be >= 1, got {max_tries}")
         self.capacity = capacity
         self.max_tries = max_tries
+        self.queue_timeout_s = queue_timeout_s
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.iteration = 0
@@ -93,6 +94,20 @@ class Scheduler:
         seqs = max(1, int(seqs * self.oom_backoff))
         tokens = max(1, int(knobs.max_batched_tokens * self.oom_backoff))
         return seqs, tokens
+
+    def expire(self, now_s: float) -> int:
+        """Reject requests that waited longer than `queue_timeout_s` (a client's deadline:
+        they would miss their SLO anyway, and shedding them keeps overload recoverable).
+        The queue is first come first served, so the expired ones are at its head."""
+        if self.queue_timeout_s is None:
+            return 0
+        waiting, deadline, n = self.waiting, now_s - self.queue_timeout_s, 0
+        while waiting and waiting[0].arrival_s < deadline and waiting[0].generated == 0:
+            r = waiting.popleft()
+            self.queued_tokens -= r.context_len
+            self._reject(r, f"waited over {self.queue_timeout_s:g} s in the queue")
+            n += 1
+        return n
 
     def schedule(self, knobs: Knobs) -> Batch:
         max_seqs, max_tokens = self.limits(knobs)

@@ -68,6 +68,11 @@ Per engine iteration, summed over the step; every part is in ``info["reward_part
 The sum over an episode is (met - arrived) minus the penalties, a per-request scale at
 which PPO's defaults behave.
 
+## Queue timeout
+A request that waited 4 TTFT SLOs in the queue is rejected ("waited over ... in the
+queue"): clients give up, and shedding keeps an overloaded engine recoverable. The same
+rule holds in the best-static search and in every evaluation.
+
 ## Episode end
 - terminated: every request of the episode's trace window has arrived and left the engine.
 - truncated: `episode_steps` steps have run.
@@ -94,13 +99,13 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from ..engine.engine import Engine, EngineConfig
+from ..engine.engine import Engine
 from ..engine.features import FEATURE_NAMES, HIGH, LOW, ObservationBuilder
 from ..engine.knob_space import ACTION_DIMS, action_mask, decode_action, knobs_to_action
 from ..engine.knobs import Knobs
 from ..engine.telemetry import SLO
 from ..engine.traces import TraceError
-from .scenario import Scenario, build_executor, cached_trace, scenario_trace
+from .scenario import Scenario, build_executor, cached_trace, engine_config, scenario_trace
 
 BACKENDS = ("sim", "live")
 REWARD_WEIGHTS = {"goodput": 1.0, "demand": 1.0, "slo_miss": 0.5, "rejected": 1.0, "oom": 0.5, "switch": 0.01}
@@ -131,9 +136,7 @@ class InferenceTuningEnv(gym.Env):
         render_mode: str | None = None,
     ) -> None:
         super().__init__()
-        if render_mode is not None:
-            raise ValueError(f"InferenceTuning-v0 has no render modes, got render_mode={render_mode!r}")
-        self.render_mode = render_mode
+        self.render_mode = render_mode  # nothing is drawn: TensorBoard and the reports show the run
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if live_clock not in ("measured", "profile"):
@@ -200,7 +203,7 @@ class InferenceTuningEnv(gym.Env):
         self._device_type = executor.device_type
         knobs, _ = decode_action(knobs_to_action(self.initial_knobs), self._device_type)
         requests = scenario_trace(scenario, executor.capacity.max_context).to_requests()
-        return Engine(executor, requests, knobs, EngineConfig(slo=self.slo))
+        return Engine(executor, requests, knobs, engine_config(self.slo))
 
     # -- gymnasium API ----------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):

@@ -16,6 +16,13 @@ from ..engine.telemetry import SLO
 from ..engine.traces import Trace, load_trace
 
 GIB = 1 << 30
+# Clients give up on a request that waited this many TTFT SLOs in the queue: the engine
+# rejects it with that reason. Training, search and evaluation all run under the same rule.
+QUEUE_TIMEOUT_SLOS = 4.0
+
+
+def engine_config(slo: SLO) -> EngineConfig:
+    return EngineConfig(slo=slo, queue_timeout_s=QUEUE_TIMEOUT_SLOS * slo.ttft_s)
 
 
 @dataclass(frozen=True)
@@ -91,7 +98,7 @@ def build_engine(
 ) -> Engine:
     executor = build_executor(s, backend, **executor_kwargs)
     trace = scenario_trace(s, executor.capacity.max_context)
-    return Engine(executor, trace.to_requests(), knobs, EngineConfig(slo=slo), controller=controller)
+    return Engine(executor, trace.to_requests(), knobs, engine_config(slo), controller=controller)
 
 
 def run_scenario(

@@ -189,7 +189,7 @@ def test_short_maskable_ppo_run_learns_without_error():
     from sb3_contrib import MaskablePPO
     from stable_baselines3.common.env_util import make_vec_env
 
-    venv = make_vec_env(ENV_ID, n_envs=2, seed=0, env_kwargs=SIM)
+    venv = make_vec_env(ENV_ID, n_envs=2, seed=0, env_kwargs={"render_mode": None, **SIM})
     model = MaskablePPO("MlpPolicy", venv, n_steps=128, batch_size=128, n_epochs=2, seed=0, verbose=0)
     model.learn(total_timesteps=1024)
     assert model.num_timesteps >= 1024

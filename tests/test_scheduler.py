@@ -163,3 +163,14 @@ def test_shrinking_kv_budget_rejects_queued_requests_that_no_longer_fit():
     s.set_capacity(Capacity(max_slots=64, max_context=512, max_kv_tokens=50))  # e.g. bf16 -> fp32
     assert big.state == RequestState.REJECTED and small.state == RequestState.WAITING
     assert s.queued_tokens == 20 and s.balanced()
+
+
+def test_queue_timeout_rejects_only_requests_that_waited_too_long():
+    s = Scheduler(Capacity(max_slots=64, max_context=512), queue_timeout_s=2.0)
+    old, new = Request(0, 0.0, 10, 3), Request(1, 1.5, 10, 3)
+    s.add(old)
+    s.add(new)
+    assert s.expire(now_s=1.9) == 0
+    assert s.expire(now_s=2.5) == 1
+    assert old.state == RequestState.REJECTED and "queue" in old.reject_reason
+    assert [r.rid for r in s.waiting] == [1] and s.queued_tokens == 10 and s.balanced()

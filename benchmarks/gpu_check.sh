@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The device check, in one call (GPU hosts): gpt2-small replays of the Azure excerpt on the
+# live engine under the best-static knobs and under the shipped guarded policy, then the
+# simulator's prediction of the same replay. Usage: bash benchmarks/gpu_check.sh OUTDIR [DEVICE] [MODEL]
+set -euo pipefail
+out=${1:-out}; device=${2:-cuda}; model=${3:-gpt2-small}
+mkdir -p "$out"
+if ! python -c "import autoopt" 2>/dev/null; then  # a bare machine: import the checkout as `autoopt`
+  mkdir -p /tmp/pkg && ln -sfn "$PWD" /tmp/pkg/autoopt && export PYTHONPATH=/tmp/pkg
+fi
+export PYTHONUNBUFFERED=1
+common=(--trace azure-conv --model "$model" --device "$device" --speedup 8 --start 20 --duration 30
+        --slo-ttft-ms 500 --slo-tpot-ms 20 --max-slots 64)
+python -c "import torch; print(torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
+python -m autoopt.cli replay "${common[@]}" --knobs benchmarks/knobs_best_static.json --report "$out/replay_static.json"
+python -m autoopt.cli replay "${common[@]}" --knobs benchmarks/knobs_best_static.json --policy policies/shipped/h100-gpt2-small --report "$out/replay_policy.json"
+python -m autoopt.cli replay "${common[@]}" --report "$out/replay_default.json"
