@@ -20,10 +20,10 @@ from typing import Any
 from ..engine.knob_space import KNOB_TABLES, value_allowed
 from ..engine.knobs import HALF_ONLY_KERNELS, HALF_PRECISIONS, Knobs
 from ..engine.telemetry import SLO
-from ..envs.scenario import Scenario, run_scenario
+from ..envs.scenario import QUEUE_TIMEOUT_SLOS, Scenario, run_scenario
 from .base import StaticPolicy
 
-SEARCH_VERSION = 1
+SEARCH_VERSION = 2  # bump when the engine's rules change what a config scores
 _SEARCHED = ("max_num_seqs", "max_batched_tokens", "attention", "cuda_graphs", "precision", "allocator")
 
 
@@ -121,6 +121,7 @@ def _cache_key(scenarios: Sequence[Scenario], slo: SLO, device_type: str, seed: 
             "slo": [slo.ttft_s, slo.tpot_s],
             "device": device_type,
             "seed": seed,
+            "queue_timeout_slos": QUEUE_TIMEOUT_SLOS,
         },
         sort_keys=True,
     )

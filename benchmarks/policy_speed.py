@@ -270,6 +270,7 @@ def run(argv: list[str] | None, tmp: Path) -> int:
     onnx_med = None
     try:
         import onnxruntime  # noqa: F401
+
         from autoopt.policies.onnx_export import check_onnx, export_onnx
 
         onnx_path = export_onnx(args.policy, tmp / "actor.onnx")

@@ -38,6 +38,7 @@ import numpy as np
 ALLOCATOR_CONFIGS: tuple[str, ...] = ("default", "expandable", "split128", "gc08_split128")
 _LN_X_MIN, _LN_X_MAX = -30.0, 5.0
 _MAX_RETRY_MEAN = 1000.0
+_LOG_MAX_RETRY_MEAN = math.log(_MAX_RETRY_MEAN)
 _GB = 1e9
 PINNED_FRAC = 0.97  # a step whose reserve ends this close to the cap says more about the cap than the cache
 
@@ -454,6 +455,13 @@ class AllocatorState:
     def step(
         self, need_bytes: int, cap_bytes: int, rng: np.random.Generator, transient_bytes: int | None = None
     ) -> AllocOutcome:
+        return AllocOutcome(*self.advance(need_bytes, cap_bytes, rng, transient_bytes))
+
+    def advance(
+        self, need_bytes: int, cap_bytes: int, rng: np.random.Generator, transient_bytes: int | None = None
+    ) -> tuple[bool, int, int, int, int, float, float]:
+        """`step` as a plain tuple in `AllocOutcome`'s field order: the simulator calls it
+        every iteration and need not build the outcome object."""
         p = self.p
         need = max(0, int(need_bytes))
         cap = max(1, int(cap_bytes))
@@ -463,10 +471,11 @@ class AllocatorState:
         else:
             t = float(min(max(0, int(transient_bytes)), need))
         live = need - t
-        self.t_max = max(self.t_max, t)
-        stuck = self.stuck
+        if t > self.t_max:
+            self.t_max = t
+        stuck = p.stuck_frac * self.t_max
         ln_x = _ln_pressure(t, cap - live - stuck)
-        r = self._rate.feature(self.steps)
+        r = self._rate.feature(self.steps) if self._rate.rate_ref > 0 else 0.0
         if need > cap:
             p_oom = 1.0
         else:
@@ -474,26 +483,17 @@ class AllocatorState:
             p_oom = _sigmoid(c0 + c1 * ln_x + c2 * r)
         oom = bool(rng.random() < p_oom)
         a0, a1, a2, a3 = p.retry_coef
-        mu = math.exp(min(math.log(_MAX_RETRY_MEAN), a0 + a1 * ln_x + a2 * oom + a3 * r))
+        mu = math.exp(min(_LOG_MAX_RETRY_MEAN, a0 + a1 * ln_x + a2 * oom + a3 * r))
         retries = int(rng.poisson(mu))
-        base = stuck + p.base_frac * self.t_max
         if oom:
-            self.cached = base
+            cached = stuck + p.base_frac * self.t_max
         else:
             target = stuck + max(p.base_frac * self.t_max, p.gain * t)
-            self.cached = target if retries else max(self.cached, target)
-        self.cached = max(0.0, min(self.cached, cap - live))
-        self.allocated = int(live)
+            cached = target if retries else max(self.cached, target)
+        self.cached = cached = max(0.0, min(cached, cap - live))
+        self.allocated = allocated = int(live)
         self.steps += 1
-        return AllocOutcome(
-            oom=oom,
-            retries=retries,
-            reserved_bytes=int(live + self.cached),
-            fragmentation_bytes=int(min(stuck, self.cached)),
-            allocated_bytes=int(live),
-            p_oom=p_oom,
-            expected_retries=mu,
-        )
+        return oom, retries, int(live + cached), int(min(stuck, cached)), allocated, p_oom, mu
 
     def reclaim(self) -> float:
         """empty_cache(): free every cached block that can be freed; returns its cost in ms."""

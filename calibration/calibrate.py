@@ -58,12 +58,13 @@ _CPU_GRID: dict[str, Any] = {
     "cuda_graphs": [False],
     "warmup": 1,
     "runs": 3,
-    "decode_warmup": 2,
+    "decode_warmup": 4,
     "decode_runs": 8,
     # Sweeps over the whole grid, each adding runs samples per point: a host shared with
     # other work is slow in phases, and spreading a point's samples over the run averages them.
     "passes": 4,
-    "stat": "mean",  # a point's ms: "mean" (10%-trimmed) or "median" of its samples
+    "cold_runs": 2,  # decode steps timed right after a prefill, per point and pass
+    "stat": "expected",  # a point's ms: "median" of its samples, or "expected" (see _point_ms)
     "alloc": None,
 }
 _CUDA_GRID: dict[str, Any] = {
@@ -77,6 +78,7 @@ _CUDA_GRID: dict[str, Any] = {
     "decode_warmup": 3,
     "decode_runs": 10,
     "passes": 1,
+    "cold_runs": 2,
     "stat": "median",
     # (cfg, cap_frac): cap_frac 0 = uncapped
     "alloc": {
@@ -328,8 +330,8 @@ def calibrate(
     if threads is not None:
         torch.set_num_threads(int(threads))
     g = _merge(default_grid(dev.type, quick), grid)
-    if g.get("stat", "median") not in ("mean", "median"):
-        raise ValueError(f"grid stat must be 'mean' or 'median', got {g['stat']!r}")
+    if g.get("stat", "median") not in STATS:
+        raise ValueError(f"grid stat must be one of {list(STATS)}, got {g['stat']!r}")
     graphs = [bool(x) for x in g["cuda_graphs"] if dev.type == "cuda" or not x]
     combos, skipped = _combos(g, dev.type)
     pre_pts, dec_pts = _points(g, graphs)
@@ -360,7 +362,7 @@ def calibrate(
     _free_cuda(dev)
 
     ctx = cfg.max_context
-    slots = max([*g["prefill"]["B"], *g["decode"]["B"], 1])
+    slots = max([*g["prefill"]["B"], *g["decode"]["B"], 1]) + 1  # +1: a background request
     ex = TorchExecutor(
         model_name, str(dev), max_slots=slots, max_context=ctx, knobs=Knobs(precision=base_prec, attention="math")
     )
@@ -420,6 +422,10 @@ def calibrate(
         "switch_detail": switch_detail,
         "allocator_note": alloc_note,
         "calibration_executor": {"max_slots": slots, "max_context": ctx, "seed": 0},
+        # Timings go through TorchExecutor.execute, whose eager decode pads every row to the
+        # longest context in the batch: the simulator charges a mixed batch that way.
+        "decode_context": "longest",
+        "timing": {"passes": passes, **grid_run.timing},
     }
     profile = {
         "format": FORMAT,
@@ -472,20 +478,43 @@ def _err(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
 
 
-def _summary(samples: Sequence[float], stat: str) -> tuple[float, float, float]:
-    """(typical, min, max) of a point's samples.
+STATS = ("median", "expected")
 
-    "mean" is a 10%-trimmed mean: the simulator adds iteration times up, so the expected
-    time is what makes its sums (busy time, queueing delay) match the engine's; on a
-    time-shared host the samples are bimodal and a median lands on one of the modes.
+
+def _tail_factor(samples: Sequence[Sequence[float]]) -> float:
+    """Mean of sample / its point's median, pooled over points: how much a host's stalls
+    (time-sharing, interrupts) add to the typical time, on average."""
+    ratios = [x / m for xs in samples if xs for m in [statistics.median(xs)] for x in xs]
+    return float(statistics.fmean(ratios)) if ratios else 1.0
+
+
+NOISE_QUANTILES = 50
+
+
+def _noise_quantiles(samples: Sequence[Sequence[float]]) -> list[float]:
+    """How a step's time spreads around its point's median: NOISE_QUANTILES quantiles of
+    equal probability, scaled to mean 1 (the simulator's optional noise draws from them, so
+    it widens the spread without moving the expected time)."""
+    ratios = sorted(x / m for xs in samples if xs for m in [statistics.median(xs)] for x in xs)
+    if len(ratios) < NOISE_QUANTILES:
+        return []
+    qs = [ratios[int((k + 0.5) / NOISE_QUANTILES * len(ratios))] for k in range(NOISE_QUANTILES)]
+    mean = statistics.fmean(qs)
+    return [round(q / mean, 4) for q in qs]
+
+
+def _point_ms(samples: Sequence[float], stat: str, tail: float) -> tuple[float, float, float]:
+    """(ms, min, max) of a point.
+
+    "expected" = the point's median x the grid's tail factor. The simulator adds iteration
+    times up, so what makes its sums (busy time, queueing delay) match the engine's is the
+    expected time, stalls included; a point's own mean would be at the mercy of one stall
+    among its few samples, so the stalls are averaged over the whole grid instead.
     """
-    xs = sorted(samples)
-    if stat == "mean":
-        k = len(xs) // 10
-        typical = float(statistics.fmean(xs[k : len(xs) - k]))
-    else:
-        typical = float(statistics.median(xs))
-    return typical, float(xs[0]), float(xs[-1])
+    med = float(statistics.median(samples))
+    lo, hi = float(min(samples)), float(max(samples))
+    ms = min(hi, med * tail) if stat == "expected" else med
+    return ms, lo, hi
 
 
 def _step_ms(ex: TorchExecutor, batch: Batch) -> float:
@@ -496,47 +525,76 @@ def _step_ms(ex: TorchExecutor, batch: Batch) -> float:
     return res.ms
 
 
-def _prefill_samples(ex: TorchExecutor, dev: torch.device, b: int, n: int, warmup: int, runs: int):
-    """ms of `runs` prefill iterations of `b` prompts of `n` tokens, and the transient bytes (CUDA)."""
-    ex._check_bench(b, n)
-
-    def once() -> float:
-        reqs = [Request(i, 0.0, n, 1) for i in range(b)]
-        try:
-            return _step_ms(ex, Batch(reqs, [], b * n, 0))
-        finally:
-            ex.release(reqs[::-1])  # last slot first: nothing to compact
-
-    for _ in range(warmup):
-        once()
-    return _peak(dev, lambda: [once() for _ in range(max(1, runs))])
+def _check_shape(ex: TorchExecutor, batch: int, length: int, spare_slots: int = 0) -> None:
+    cap = ex.capacity
+    if not 1 <= batch <= cap.max_slots - spare_slots:
+        raise ValueError(f"batch {batch} is outside [1, max_slots={cap.max_slots - spare_slots}]")
+    if not 1 <= length <= cap.max_context:
+        raise ValueError(f"length {length} is outside [1, max_context={cap.max_context}]")
 
 
-def _decode_samples(ex: TorchExecutor, dev: torch.device, b: int, c: int, warmup: int, runs: int):
-    """ms of `runs` decode iterations of `b` sequences whose mean context is `c`, the
+class _Background:
+    """One running sequence that decodes a token before each timed prefill, as a serving
+    engine decodes between admissions: the prefill then starts from the state a decode
+    step leaves (caches, allocator), not from a copy of itself."""
+
+    RID = 1 << 40
+
+    def __init__(self, ex: TorchExecutor, prompt: int = 64) -> None:
+        self.ex, self.prompt = ex, prompt
+        self.req: Request | None = None
+
+    def step(self) -> None:
+        ex = self.ex
+        if self.req is not None and ex.context_of(self.RID) + 1 >= ex.capacity.max_context:
+            self.stop()
+        if self.req is None:
+            self.req = Request(self.RID, 0.0, min(self.prompt, ex.capacity.max_context - 1), 1)
+            _step_ms(ex, Batch([self.req], [], self.req.prompt_len, 0))
+        _step_ms(ex, Batch([], [self.req], 0, 0))
+
+    def stop(self) -> None:
+        if self.req is not None:
+            self.ex.release([self.req])
+            self.req = None
+
+
+def _decode_samples(
+    ex: TorchExecutor, dev: torch.device, b: int, c: int, warmup: int, runs: int, cold_runs: int = 0
+) -> tuple[list[float], list[float], float | None, int]:
+    """Decode iterations of `b` sequences whose mean context is `c`: ms of `runs` steps in a
+    row, ms of `cold_runs` steps each right after a prefill of a full-context prompt, the
     capture ms of the bucket's graph (graphs on) and the transient bytes (CUDA).
 
     The sequences are prefilled first (untimed), then step one token per iteration as in
-    serving; the first step, untimed, captures the bucket's graph when graphs are on.
+    serving; the first step, untimed, captures the bucket's graph when graphs are on. A step
+    after a prefill finds the caches full of the prefill's activations, as the decode half
+    of a mixed iteration (and the step after one) does in serving.
     """
     ex._check_bench(b, c)
     warmup, runs = max(1, warmup), max(1, runs)
-    steps = warmup + runs
+    steps = warmup + runs + cold_runs
     ctx = ex.capacity.max_context
     # step i attends over start + i + 1 positions: centre the timed steps on c
     start = max(1, min(c - 1 - (2 * warmup + runs - 1) // 2, ctx - steps))
     if start + steps > ctx:
         raise ValueError(f"{steps} decode steps do not fit in max_context={ctx}")
     reqs = [Request(i, 0.0, start, steps + 1) for i in range(b)]
+    cold: list[float] = []
     try:
         _step_ms(ex, Batch(reqs, [], b * start, 0))
         decode = Batch([], reqs, 0, 0)
         for _ in range(warmup):
             _step_ms(ex, decode)
         samples, trans = _peak(dev, lambda: [_step_ms(ex, decode) for _ in range(runs)])
+        for _ in range(cold_runs):
+            polluter = [Request(_Background.RID + 1, 0.0, ctx - 1, 1)]
+            _step_ms(ex, Batch(polluter, [], ctx - 1, 0))
+            ex.release(polluter)
+            cold.append(_step_ms(ex, decode))
     finally:
-        ex.release(reqs[::-1])
-    return samples, ex.capture_ms.get(ex._bucket(b)), trans
+        ex.release(reqs[::-1])  # last slot first: nothing to compact
+    return samples, cold, ex.capture_ms.get(ex._bucket(b)), trans
 
 
 class _GridRun:
@@ -552,10 +610,12 @@ class _GridRun:
         self.capture: dict[tuple, list[float]] = {}
         self.failed: set[tuple] = set()
         self.weights: dict[str, int] = {}
+        self.rng = np.random.default_rng(0)
+        self.cold_ratios: dict[bool, list[float]] = {}  # cuda_graphs -> cold step / typical step
 
     def run(self, combos, pre_pts, dec_pts, passes: int) -> str:
         """Measure; returns why the grid was cut ('' if it was not)."""
-        ex, g, budget = self.ex, self.g, self.clock.budget_s
+        ex, budget = self.ex, self.clock.budget_s
         bad_combos: set[tuple[str, str]] = set()
         for p in range(passes):
             for prec, backend in combos:
@@ -574,12 +634,8 @@ class _GridRun:
                     continue
                 self.kernels[f"{backend}/{prec}"] = dict(ex.effective_kernels)
                 self.weights.setdefault(prec, ex.weight_bytes)
-                for b, n in pre_pts:
-                    if self.clock.out():
-                        return f"budget of {budget} s spent (pass {p + 1} of {passes})"
-                    self.bar.set_postfix_str(f"pass {p + 1} prefill {backend}/{prec} B={b} L={n}")
-                    key = ("prefill", prec, backend, b, n, False)
-                    self._point(key, lambda b=b, n=n: _prefill_samples(ex, self.dev, b, n, g["warmup"], g["runs"]))
+                if self._prefill_pass(prec, backend, pre_pts):
+                    return f"budget of {budget} s spent (pass {p + 1} of {passes})"
                 for b, c, graph in dec_pts:
                     if self.clock.out():
                         return f"budget of {budget} s spent (pass {p + 1} of {passes})"
@@ -589,11 +645,55 @@ class _GridRun:
                 ex.set_cuda_graphs(False)
         return ""
 
+    def _prefill_pass(self, prec: str, backend: str, pre_pts: list[tuple[int, int]]) -> bool:
+        """One pass over the prefill points, `runs` samples each in a shuffled order (each
+        timed prefill follows a different shape and a decode step, as in serving). True
+        when the budget ran out."""
+        keys = [("prefill", prec, backend, b, n, False) for b, n in pre_pts]
+        order = [k for k in keys for _ in range(max(1, self.g["runs"]))]
+        self.rng.shuffle(order)
+        bg = _Background(self.ex)
+        try:
+            for key in keys:
+                for _ in range(self.g["warmup"]):
+                    self._prefill_sample(key, bg, timed=False)
+            for key in order:
+                if self.clock.out():
+                    return True
+                self._prefill_sample(key, bg, timed=True)
+        finally:
+            bg.stop()
+            self.bar.update(len(keys))
+        return False
+
+    def _prefill_sample(self, key: tuple, bg: _Background, timed: bool) -> None:
+        if key in self.failed:
+            return
+        ex, b, n = self.ex, key[3], key[4]
+        try:
+            _check_shape(ex, b, n, spare_slots=1)
+            bg.step()
+            reqs = [Request(i, 0.0, n, 1) for i in range(b)]
+            try:
+                ms, trans = _peak(self.dev, lambda: _step_ms(ex, Batch(reqs, [], b * n, 0)))
+            finally:
+                ex.release(reqs[::-1])  # last slot first: nothing to compact
+        except Exception as exc:
+            self._fail(key, exc)
+            return
+        if timed:
+            self.samples.setdefault(key, []).append(ms)
+            self.trans[key] = max(self.trans.get(key, 0), int(trans))
+
     def _decode(self, key: tuple, b: int, c: int, graph: bool) -> tuple[list[float], int]:
         self.ex.set_cuda_graphs(graph)
-        samples, capture, trans = _decode_samples(
-            self.ex, self.dev, b, c, self.g["decode_warmup"], self.g["decode_runs"]
+        g = self.g
+        samples, cold, capture, trans = _decode_samples(
+            self.ex, self.dev, b, c, g["decode_warmup"], g["decode_runs"], g.get("cold_runs", 0)
         )
+        if cold:  # each cold step against this pass's typical step
+            med = statistics.median(samples)
+            self.cold_ratios.setdefault(graph, []).extend(x / med for x in cold)
         if graph and capture:
             self.capture.setdefault(key, []).append(float(capture))
         return samples, trans + (self.ex.graph_bytes.get(self.ex._bucket(b), 0) if graph else 0)
@@ -605,18 +705,34 @@ class _GridRun:
                 self.samples.setdefault(key, []).extend(samples)
                 self.trans[key] = max(self.trans.get(key, 0), int(trans))
             except Exception as exc:
-                kind, prec, backend, b, x, graph = key
-                err = {"part": kind, "B": b, ("L" if kind == "prefill" else "C"): x, "backend": backend}
-                err.update(precision=prec, error=_err(exc))
-                if kind == "decode":
-                    err["cuda_graphs"] = graph
-                self.errors.append(err)
-                self.failed.add(key)
-                _free_cuda(self.dev)
+                self._fail(key, exc)
         self.bar.update(1)
+
+    def _fail(self, key: tuple, exc: Exception) -> None:
+        """Record a point's error once; the point is skipped from then on."""
+        kind, prec, backend, b, x, graph = key
+        err = {"part": kind, "B": b, ("L" if kind == "prefill" else "C"): x, "backend": backend}
+        err.update(precision=prec, error=_err(exc))
+        if kind == "decode":
+            err["cuda_graphs"] = graph
+        self.errors.append(err)
+        self.failed.add(key)
+        _free_cuda(self.dev)
 
     def rows(self, combos, pre_pts, dec_pts) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         cfg, stat, ctx = self.cfg, self.g.get("stat", "median"), self.cfg.max_context
+        kinds = ("prefill", "decode")
+        by_kind = {kind: [xs for key, xs in self.samples.items() if key[0] == kind] for kind in kinds}
+        tail = {kind: _tail_factor(by_kind[kind]) for kind in kinds}
+        # A step right after a prefill, relative to one after a step (eager decode only: the
+        # simulator's rows of a replayed graph are left as measured)
+        eager = self.cold_ratios.get(False)
+        self.timing = {
+            "stat": stat,
+            "tail_factor": tail,
+            "decode_after_prefill": float(statistics.median(eager)) if eager else 1.0,
+            "noise_quantiles": {kind: _noise_quantiles(by_kind[kind]) for kind in kinds},
+        }
         pre_rows: list[dict[str, Any]] = []
         dec_rows: list[dict[str, Any]] = []
         for prec, backend in combos:
@@ -630,7 +746,7 @@ class _GridRun:
                 key = ("prefill", prec, backend, b, n, False)
                 if key not in self.samples:
                     continue
-                ms, lo, hi = _summary(self.samples[key], stat)
+                ms, lo, hi = _point_ms(self.samples[key], stat, tail["prefill"])
                 trans = self.trans[key]
                 if self.dev.type != "cuda":
                     trans = transient_bytes(cfg, b, n, elem, kernels["prefill"])
@@ -641,7 +757,7 @@ class _GridRun:
                 key = ("decode", prec, backend, b, c, graph)
                 if key not in self.samples:
                     continue
-                ms, lo, hi = _summary(self.samples[key], stat)
+                ms, lo, hi = _point_ms(self.samples[key], stat, tail["decode"])
                 trans = self.trans[key]
                 if self.dev.type != "cuda":
                     trans = transient_bytes(cfg, b, round_ctx(c, ctx), elem, kernels["decode"], decode=True)

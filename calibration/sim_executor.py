@@ -3,17 +3,20 @@
 It implements the same `Executor` protocol as the torch engine, so the engine's scheduler
 and loop run unchanged on top of it. An iteration costs a prefill of the admitted
 requests (padded to the longest, as the torch engine pads) plus one decode step of the
-running set; memory is weights + the KV cache in use + the iteration's transient
-activations, and the allocator model decides, per config and headroom, whether the
-batch hits an OOM or an allocator retry.
+running set (over the longest context in it when the profile says the engine pads its
+decode, as the torch engine does); memory is weights + the KV cache in use + the
+iteration's transient activations, and the allocator model decides, per config and
+headroom, whether the batch hits an OOM or an allocator retry.
 
-Deterministic under its seed; run-to-run noise (the measured ms_min..ms_max spread) is
-optional and drawn from the same seeded generator.
+Deterministic under its seed; run-to-run noise (the spread the profile measured around
+each point's typical time) is optional and drawn from the same seeded generator.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
+from functools import lru_cache
 
 import numpy as np
 
@@ -26,6 +29,7 @@ from .profile import Profile, load_profile, profile_path
 # Latency lookups are memoised on inputs rounded to this relative step (~3%): the model
 # is smooth, and a dictionary hit costs far less than a prediction.
 _LOG_STEP = 0.03
+_KNOB_NAMES = tuple(Knobs().to_dict())
 
 
 _LOADED: dict[tuple[str, int], Profile] = {}
@@ -41,6 +45,17 @@ def cached_profile(name_or_path: str) -> Profile:
         profile.latency()._sim_memo = {}  # latency lookups shared by every executor of this profile
         _LOADED[key] = profile
     return _LOADED[key]
+
+
+# Knob settings repeat (a policy may ask for the same ones every step): cache what they imply.
+@lru_cache(maxsize=4096)
+def _without_reclaim(knobs: Knobs) -> Knobs:
+    return knobs.replace(reclaim=False)
+
+
+@lru_cache(maxsize=4096)
+def _not_applicable(knobs: Knobs, device_type: str) -> dict[str, str]:
+    return not_applicable(knobs, device_type)  # copied by the caller: the cached dict is shared
 
 
 def _bucket(x: float) -> int:
@@ -66,6 +81,7 @@ class SimExecutor:
     ) -> None:
         self.profile = cached_profile(profile) if isinstance(profile, str) else profile
         self.device_type = self.profile.device["type"]
+        self._cuda = self.device_type == "cuda"
         self.latency = self.profile.latency()
         self.mem_model = self.profile.memory()
         total = int(self.profile.device["total_mem_bytes"])
@@ -80,7 +96,12 @@ class SimExecutor:
         self._cache: dict[tuple, float] = getattr(self.latency, "_sim_memo", {})
         self._graph_buckets: set[int] = set()
         self._context_tokens = 0  # KV tokens held by running requests (mirrors the scheduler)
-        self._held: dict[int, int] = {}  # rids holding KV
+        # rid -> context minus iterations run, for every request holding KV: a running
+        # request's context grows by one a step, so the longest context in the decode set is
+        # the largest offset plus the iteration count (a lazy max-heap finds it).
+        self._held: dict[int, int] = {}
+        self._offsets: list[tuple[int, int]] = []  # (-offset, rid), stale entries popped lazily
+        self._iterations = 0
         self._pending_ms = 0.0
         self._ooms = 0
         self._retries = 0
@@ -88,15 +109,49 @@ class SimExecutor:
         self._frag = 0
         self._used = 0
         self._switch = self.profile.switch
+        # How a decode step's cost follows the contexts of a mixed batch: "longest" (every row
+        # padded to the longest, as TorchExecutor's decode does; what `autoopt calibrate`
+        # measures) or "mean" (the KV read, e.g. paged attention; profiles that do not say).
+        self._pads_decode = self.profile.provenance.get("decode_context", "mean") == "longest"
+        # An eager decode step in (or right after) an iteration with a prefill runs on caches
+        # the prefill filled: the profile's measured slow-down, 1 when it has none.
+        timing = self.profile.provenance.get("timing") or {}
+        self._cold_decode = float(timing.get("decode_after_prefill", 1.0))
+        # noise=True: multipliers of mean 1 drawn from the measured spread (equal-probability
+        # quantiles), per kind of iteration; profiles without them get a 2% lognormal.
+        quantiles = timing.get("noise_quantiles") or {}
+        self._noise_q = {kind: [float(q) for q in quantiles.get(kind) or []] for kind in ("prefill", "decode")}
+        self._after_prefill = False
+        self._act_memos: dict[str, dict[tuple[int, int], int]] = {}
+        self._set_mode(self.knobs)
 
     def _capacity(self, precision: str) -> Capacity:
         mm = self.mem_model
         budget = kv_token_budget(self.capacity_bytes, mm.weight_bytes(precision), mm.kv_bytes_per_token(precision))
         return Capacity(self._max_slots, self._max_context, budget)
 
+    def _set_mode(self, k: Knobs) -> None:
+        """What the knobs mean on this device (the CPU runs 'flash' for CUDA-only kernels and
+        fp32 for TF32), and the memory figures of that precision, looked up once."""
+        self._mode = (k.attention, k.precision, k.cuda_graphs)
+        cuda = self._cuda
+        self._attention = k.attention if cuda or k.attention in ("flash", "math") else "flash"
+        self._precision = k.precision if cuda or k.precision != "fp32_tf32" else "fp32"
+        self._graphs = k.cuda_graphs and cuda
+        # exact-input memos of this mode over the shared rounded-input one (an int key is
+        # cheaper than rounding a log): prefill (B << 20 | L), decode (B << 20 | C)
+        memo = self._cache
+        self._pre_memo = memo.setdefault(("prefill-exact", self._attention, self._precision), {})
+        self._dec_memo = memo.setdefault(("decode-exact", self._attention, self._precision, self._graphs), {})
+        mm = self.mem_model
+        self._weight_bytes = mm.weight_bytes(self._precision)
+        self._kv_bytes = mm.kv_bytes_per_token(self._precision)
+        # activation bytes of (prefill B, L) or (0, decode B), per precision
+        self._act_memo = self._act_memos.setdefault(self._precision, {})
+
     # -- knobs ------------------------------------------------------------------------
     def apply_knobs(self, old: Knobs | None, new: Knobs) -> SwitchReport:
-        report = SwitchReport(not_applicable=not_applicable(new, self.device_type))
+        report = SwitchReport(not_applicable=dict(_not_applicable(new, self.device_type)))
         sw = self._switch
         if old is None or old.precision != new.precision:
             if old is not None:
@@ -118,83 +173,135 @@ class SimExecutor:
             if self._alloc is not None:
                 self._alloc.reclaim()
         if old is not None:
-            report.changed = [k for k in new.to_dict() if getattr(old, k) != getattr(new, k)]
+            report.changed = [k for k in _KNOB_NAMES if getattr(old, k) != getattr(new, k)]
         for name in report.not_applicable:
             report.cost_ms.pop(name, None)
         report.ms = sum(report.cost_ms.values())
-        self.knobs = new.replace(reclaim=False)
+        self.knobs = _without_reclaim(new) if new.reclaim else new
+        if (new.attention, new.precision, new.cuda_graphs) != self._mode:
+            self._set_mode(self.knobs)
         return report
 
     # -- execution --------------------------------------------------------------------
-    def iteration_ms(self, batch: Batch) -> float:
+    def iteration_ms(self, batch: Batch, decode_context: int | None = None) -> float:
         """The predicted time of one iteration (charging a graph capture the first time a
-        batch-size bucket replays), without touching the memory state."""
-        k = self.knobs
-        cuda = self.device_type == "cuda"
-        attention = k.attention if cuda or k.attention in ("flash", "math") else "flash"
-        precision = k.precision if cuda or k.precision != "fp32_tf32" else "fp32"
-        graphs = k.cuda_graphs and cuda
+        batch-size bucket replays), without touching the memory state.
+
+        `decode_context`: the longest context in `batch.decode`; found from the batch when
+        not given (the executor knows it without a scan when it runs the batch itself).
+        """
+        graphs = self._graphs
         ms = 0.0
-        if batch.prefill:
-            l_max = max(r.context_len for r in batch.prefill)
-            ms += self._prefill_ms(len(batch.prefill), l_max, attention, precision)
+        prefill = batch.prefill
+        if prefill:
+            n_pre = len(prefill)
+            l_max = max([r.context_len for r in prefill]) if n_pre > 1 else prefill[0].context_len
+            ms = self._pre_memo.get(n_pre << 20 | l_max)
+            if ms is None:
+                ms = self._pre_memo[n_pre << 20 | l_max] = self._prefill_ms(n_pre, l_max)
         n_dec = len(batch.decode)
         if n_dec:
-            c_mean = batch.decode_context_tokens / n_dec
             b = _graph_bucket(n_dec) if graphs else n_dec
+            if self._pads_decode:
+                if decode_context is None:
+                    decode_context = max([r.context_len for r in batch.decode])
+                c = decode_context + 1  # positions attended: the longest context plus the new token
+            else:
+                c = batch.decode_context_tokens / n_dec
             if graphs and b not in self._graph_buckets:
                 self._graph_buckets.add(b)
-                ms += self.latency.capture_ms(b, c_mean, attention, precision)
-            ms += self._decode_ms(b, c_mean, attention, precision, graphs)
+                ms += self.latency.capture_ms(b, c, self._attention, self._precision)
+            if self._pads_decode:
+                dec = self._dec_memo.get(b << 20 | c)
+                if dec is None:
+                    dec = self._dec_memo[b << 20 | c] = self._decode_ms(b, c)
+            else:
+                dec = self._decode_ms(b, c)
+            if self._cold_decode != 1.0 and not graphs and (prefill or self._after_prefill):
+                dec *= self._cold_decode
+            ms += dec
+        self._after_prefill = bool(prefill)
         if self.noise:
-            ms *= float(self.rng.lognormal(0.0, 0.02))
+            qs = self._noise_q["prefill" if prefill else "decode"]
+            if qs:
+                ms *= qs[int(self.rng.random() * len(qs))]
+            else:
+                ms *= float(self.rng.lognormal(0.0, 0.02))
         return ms
 
+    def _longest_held(self) -> int:
+        """The longest context among the requests holding KV (0 when none)."""
+        heap, held = self._offsets, self._held
+        while heap and held.get(heap[0][1]) != -heap[0][0]:
+            heapq.heappop(heap)
+        return -heap[0][0] + self._iterations if heap else 0
+
     def execute(self, batch: Batch) -> StepResult:
-        ms = self._pending_ms + self.iteration_ms(batch)
+        decode = batch.decode
+        n_dec = len(decode)
+        # The decode set is every request holding KV when the scheduler drives this executor.
+        longest = self._longest_held() if n_dec and self._pads_decode and n_dec == len(self._held) else None
+        ms = self._pending_ms + self.iteration_ms(batch, longest)
         self._pending_ms = 0.0
-        precision = self.knobs.precision if self.device_type == "cuda" or self.knobs.precision != "fp32_tf32" else "fp32"
-        l_max = max((r.context_len for r in batch.prefill), default=0)
-        n_dec = len(batch.decode)
-        need, transient = self._need_bytes(batch, l_max, precision)
+        need, transient = self._need_bytes(batch)
         self._used = need
         if need > self.capacity_bytes:
-            return self._oom(batch, ms)
+            return self._oom(ms)
         if self._alloc is not None:
-            out = self._alloc.step(need, self.capacity_bytes, self.rng, transient_bytes=transient)
-            self._retries += out.retries
-            self._reserved = out.reserved_bytes
-            self._frag = out.fragmentation_bytes
-            if out.oom:
-                return self._oom(batch, ms)
+            oom, retries, self._reserved, self._frag = self._alloc.advance(
+                need, self.capacity_bytes, self.rng, transient
+            )[:4]
+            self._retries += retries
+            if oom:
+                return self._oom(ms)
+        it = self._iterations
         for r in batch.prefill:
-            self._held[r.rid] = 1
+            offset = r.context_len - it
+            self._held[r.rid] = offset
+            if self._pads_decode:
+                heapq.heappush(self._offsets, (-offset, r.rid))
             self._context_tokens += r.context_len + 1
         self._context_tokens += n_dec
-        return StepResult(ms=ms)
+        self._iterations = it + 1
+        return StepResult(ms)
 
-    def _oom(self, batch: Batch, ms: float) -> StepResult:
+    def _oom(self, ms: float) -> StepResult:
         self._ooms += 1
         self._pending_ms += float(self._switch.get("empty_cache_ms", 0.0))
         return StepResult(ms=ms, oom=True, error="out of memory (simulated)")
 
-    def _need_bytes(self, batch: Batch, l_max: int, precision: str) -> tuple[int, int]:
+    def _need_bytes(self, batch: Batch) -> tuple[int, int]:
         """Bytes the iteration needs at its peak, and the transient (activation) part."""
-        mm = self.mem_model
-        kv_tokens = self._context_tokens + batch.prefill_tokens + len(batch.decode)
-        transient = mm.prefill_activation_bytes(len(batch.prefill), l_max, precision) if batch.prefill else 0
-        if batch.decode:
-            transient = max(transient, mm.decode_activation_bytes(len(batch.decode), precision))
-        return int(mm.weight_bytes(precision) + kv_tokens * mm.kv_bytes_per_token(precision) + transient), int(transient)
+        memo = self._act_memo
+        transient = 0
+        prefill = batch.prefill
+        if prefill:
+            n_pre = len(prefill)
+            l_max = max([r.context_len for r in prefill]) if n_pre > 1 else prefill[0].context_len
+            transient = memo.get((n_pre, l_max))
+            if transient is None:
+                act = self.mem_model.prefill_activation_bytes(n_pre, l_max, self._precision)
+                transient = memo[(n_pre, l_max)] = act
+        n_dec = len(batch.decode)
+        if n_dec:
+            act = memo.get((0, n_dec))
+            if act is None:
+                act = memo[(0, n_dec)] = self.mem_model.decode_activation_bytes(n_dec, self._precision)
+            if act > transient:
+                transient = act
+        kv_tokens = self._context_tokens + batch.prefill_tokens + n_dec
+        return int(self._weight_bytes + kv_tokens * self._kv_bytes + transient), int(transient)
 
-    def _prefill_ms(self, b: int, length: int, attention: str, precision: str) -> float:
+    def _prefill_ms(self, b: int, length: int) -> float:
+        attention, precision = self._attention, self._precision
         key = (0, b, _bucket(length), attention, precision)
         ms = self._cache.get(key)
         if ms is None:
             ms = self._cache[key] = float(self.latency.prefill_ms(b, length, attention, precision))
         return ms
 
-    def _decode_ms(self, b: int, context: float, attention: str, precision: str, graphs: bool) -> float:
+    def _decode_ms(self, b: int, context: float) -> float:
+        attention, precision, graphs = self._attention, self._precision, self._graphs
         key = (1, b, _bucket(context), attention, precision, graphs)
         ms = self._cache.get(key)
         if ms is None:
@@ -203,19 +310,23 @@ class SimExecutor:
 
     # -- state ------------------------------------------------------------------------
     def release(self, requests: list[Request]) -> None:
+        held = self._held
         for r in requests:
-            if self._held.pop(r.rid, None) is not None:
+            if held.pop(r.rid, None) is not None:
                 self._context_tokens -= r.context_len  # its prompt plus every token generated
         self._context_tokens = max(0, self._context_tokens)
+        if not held:
+            self._offsets.clear()
 
     def memory(self, full: bool) -> MemoryReading:
+        used, reserved = self._used, self._reserved
         return MemoryReading(
-            used_bytes=max(self._used, self._reserved),
-            capacity_bytes=self.capacity_bytes,
-            reserved_bytes=self._reserved,
-            allocated_bytes=self._used,
-            fragmentation_bytes=self._frag,
-            retries=self._retries,
-            ooms=self._ooms,
-            full=full,
+            used if used > reserved else reserved,
+            self.capacity_bytes,
+            reserved,
+            used,
+            self._frag,
+            self._retries,
+            self._ooms,
+            full,
         )

@@ -16,6 +16,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from .executor import Executor, MemoryReading, StepResult, SwitchReport
@@ -28,6 +29,12 @@ CLOCKS = ("virtual", "realtime")
 
 # A controller sees the engine between iterations and may return new knobs.
 Controller = Callable[["Engine"], "Knobs | None"]
+
+
+@lru_cache(maxsize=4096)
+def _without_reclaim(knobs: Knobs) -> Knobs:
+    """`knobs` with reclaim off (a reclaim acts once); cached, as a policy may ask every step."""
+    return knobs.replace(reclaim=False)
 
 
 @dataclass(slots=True)
@@ -80,7 +87,7 @@ class Engine:
         """Bring `knobs` into force before the next iteration and charge the switch."""
         first = self._applied is None
         report = self.executor.apply_knobs(self._applied, knobs)
-        self._applied = knobs.replace(reclaim=False) if knobs.reclaim else knobs
+        self._applied = _without_reclaim(knobs) if knobs.reclaim else knobs
         self.knobs = self._applied
         self.last_switch = report
         self.not_applicable = dict(report.not_applicable)
@@ -140,13 +147,15 @@ class Engine:
         Returns None when every request has been served or rejected and none is left to
         arrive.
         """
-        if self.config.clock == "realtime":
+        config, sched = self.config, self.scheduler
+        virtual = config.clock == "virtual"
+        if not virtual:
             if self._wall0 is None:
                 self._wall0 = time.perf_counter() - self.now_s
             self.now_s = time.perf_counter() - self._wall0
-        rejected_before = self.scheduler.rejected
+        rejected_before = sched.rejected
         arrivals = self._admit_arrivals()
-        if not self.has_work:
+        if not (sched.waiting or sched.running):
             if self._next_arrival >= len(self.requests):
                 return None
             self._wait_for_arrival()
@@ -157,13 +166,12 @@ class Engine:
                 self.set_knobs(new)
         switch_ms, self._pending_switch_ms = self._pending_switch_ms, 0.0
 
-        sched = self.scheduler
         sched.expire(self.now_s)
         batch = sched.schedule(self.knobs)
         n_prefill, n_decode, prefill_tokens = len(batch.prefill), len(batch.decode), batch.prefill_tokens
         # Everything queued may just have expired: then there is nothing to run.
         result = StepResult(ms=0.0) if batch.empty else self.executor.execute(batch)
-        if self.config.clock == "virtual":
+        if virtual:
             self.now_s += (result.ms + switch_ms) / 1e3
         else:
             assert self._wall0 is not None
@@ -191,7 +199,7 @@ class Engine:
         self.last_iteration_ms = result.ms
         tel.iterations += 1
         tel.on_interval(self.now_s, arrivals, tokens, result.ms / 1e3)
-        full = self.iteration % self.config.full_stats_every == 0
+        full = self.iteration % config.full_stats_every == 0
         self.memory_reading = mem = self.executor.memory(full=full)
         tel.on_iteration(result.oom, mem.retries)
         return IterationStats(

@@ -66,52 +66,76 @@ def _log_ratio(x: float, ref: float) -> float:
     return math.log2(x / ref) / 4.0
 
 
+# |x| from which a float64 rounds to an infinite float32 (2**128 - 2**103).
+_F32_OVERFLOW = 3.4028235677973366e38
+_BASE_BOUNDS = tuple((float(lo), float(hi)) for _, lo, hi, _ in BASE_FEATURES)
+
+
 class ObservationBuilder:
-    """Builds the observation vector from a live engine into a preallocated buffer."""
+    """Builds the observation vector from a live engine.
+
+    The base features are finished as Python floats (clipped, non-finite ones replaced)
+    and the knob features are computed once per knob setting, so one array is made per
+    observation: the same values as building a float64 buffer, casting it to float32,
+    replacing non-finite entries and clipping, at a fraction of the numpy calls.
+    """
 
     def __init__(self) -> None:
         self.dim = len(FEATURES)
-        self._buf = np.zeros(self.dim, dtype=np.float64)
-        self._knob_index = {
-            name: {v: i for i, v in enumerate(values)} for name, values in KNOB_TABLES
-        }
+        self._knob_index = {name: {v: i for i, v in enumerate(values)} for name, values in KNOB_TABLES}
+        self._knobs: object = None
+        self._knob_values: list[float] = []
+        self._knob_cache: dict[object, list[float]] = {}  # at most one entry per knob setting
         self.nonfinite = 0  # readings replaced because they were NaN or infinite
 
-    def build(self, engine: Engine) -> np.ndarray:
-        b = self._buf
-        sched, tel, mem, slo = engine.scheduler, engine.telemetry, engine.memory_reading, engine.config.slo
-        b[0] = math.log1p(sched.queued) / _LOG_QUEUE
-        b[1] = math.log1p(max(0, sched.queued_tokens)) / _LOG_TOKENS
-        b[2] = math.log1p(max(0.0, tel.rate_short)) / _LOG_RATE
-        b[3] = math.log1p(max(0.0, tel.rate_long)) / _LOG_RATE
-        b[4] = sched.num_running / max(1, sched.capacity.max_slots)
-        head_wait = engine.now_s - sched.waiting[0].arrival_s if sched.waiting else 0.0
-        b[5] = _log_ratio(head_wait, slo.ttft_s)
-        b[6] = _log_ratio(tel.ttft_avg_s, slo.ttft_s)
-        b[7] = _log_ratio(tel.tpot_avg_s, slo.tpot_s)
-        b[8] = tel.slo_avg
-        b[9] = math.log1p(max(0.0, tel.tokens_per_s)) / _LOG_TPS
-        b[10] = tel.busy_frac
-        b[11] = mem.headroom_frac
-        b[12] = mem.fragmentation_bytes / mem.capacity_bytes if mem.capacity_bytes > 0 else 0.0
-        b[13] = tel.oom_recent
-        b[14] = tel.retry_recent
-        b[15] = sched.oom_backoff
-        i = len(BASE_FEATURES)
-        knobs = engine.knobs
+    def _knob_features(self, knobs: object) -> list[float]:
+        out: list[float] = []
         for name, values in KNOB_TABLES:
             idx = self._knob_index[name].get(getattr(knobs, name), 0)
             if name in _ORDINAL:
-                b[i] = idx / (len(values) - 1)
-                i += 1
+                out.append(idx / (len(values) - 1))
             else:
-                b[i : i + len(values)] = 0.0
-                b[i + idx] = 1.0
-                i += len(values)
-        out = b.astype(np.float32)
-        bad = ~np.isfinite(out)
-        if bad.any():
-            self.nonfinite += int(bad.sum())
-            out[bad] = _NEUTRAL[bad]
-        np.clip(out, LOW, HIGH, out=out)
+                one_hot = [0.0] * len(values)
+                one_hot[idx] = 1.0
+                out += one_hot
         return out
+
+    def build(self, engine: Engine) -> np.ndarray:
+        sched, tel, mem, slo = engine.scheduler, engine.telemetry, engine.memory_reading, engine.config.slo
+        waiting = sched.waiting
+        head_wait = engine.now_s - waiting[0].arrival_s if waiting else 0.0
+        cap = mem.capacity_bytes
+        base = [
+            math.log1p(sched.queued) / _LOG_QUEUE,
+            math.log1p(max(0, sched.queued_tokens)) / _LOG_TOKENS,
+            math.log1p(max(0.0, tel.rate_short)) / _LOG_RATE,
+            math.log1p(max(0.0, tel.rate_long)) / _LOG_RATE,
+            sched.num_running / max(1, sched.capacity.max_slots),
+            _log_ratio(head_wait, slo.ttft_s),
+            _log_ratio(tel.ttft_avg_s, slo.ttft_s),
+            _log_ratio(tel.tpot_avg_s, slo.tpot_s),
+            tel.slo_avg,
+            math.log1p(max(0.0, tel.tokens_per_s)) / _LOG_TPS,
+            tel.busy_frac,
+            mem.headroom_frac,
+            mem.fragmentation_bytes / cap if cap > 0 else 0.0,
+            tel.oom_recent,
+            tel.retry_recent,
+            sched.oom_backoff,
+        ]
+        for i, (lo, hi) in enumerate(_BASE_BOUNDS):
+            v = base[i]
+            if not -_F32_OVERFLOW < v < _F32_OVERFLOW:  # NaN, infinite, or infinite as a float32
+                self.nonfinite += 1
+                base[i] = float(_NEUTRAL[i])
+            elif v < lo:
+                base[i] = lo
+            elif v > hi:
+                base[i] = hi
+        knobs = engine.knobs
+        if knobs is not self._knobs:
+            values = self._knob_cache.get(knobs)
+            if values is None:
+                values = self._knob_cache[knobs] = self._knob_features(knobs)
+            self._knobs, self._knob_values = knobs, values
+        return np.array(base + self._knob_values, dtype=np.float32)

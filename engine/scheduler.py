@@ -91,6 +91,8 @@ class Scheduler:
     def limits(self, knobs: Knobs) -> tuple[int, int]:
         """The batch limits in force: the knobs, capped by KV slots, shrunk after OOMs."""
         seqs = min(knobs.max_num_seqs, self.capacity.max_slots)
+        if self.oom_backoff == 1.0:  # the common case (Knobs validates max_batched_tokens >= 1)
+            return max(1, seqs), knobs.max_batched_tokens
         seqs = max(1, int(seqs * self.oom_backoff))
         tokens = max(1, int(knobs.max_batched_tokens * self.oom_backoff))
         return seqs, tokens
@@ -120,10 +122,9 @@ class Scheduler:
         while waiting and n < max_seqs:
             head = waiting[0]
             need = head.context_len
-            if tokens + need > max_tokens:
-                # A prompt bigger than the whole budget runs alone rather than starving.
-                if not (n == 0 and not prefill):
-                    break
+            # A prompt bigger than the whole budget runs alone rather than starving.
+            if tokens + need > max_tokens and (n > 0 or prefill):
+                break
             reserve = head.prompt_len + head.output_len
             if reserve > kv_free:
                 break
@@ -179,8 +180,11 @@ class Scheduler:
             self.reserved_kv_tokens -= r.prompt_len + r.output_len
             self.completed += 1
             done.append(r)
-        if done:
-            self.running = [r for r in self.running if r.state == RequestState.RUNNING]
+        if done:  # a new list (a batch still holds the old one), without the finished
+            running = self.running.copy()
+            for r in done:
+                running.remove(r)
+            self.running = running
         return done
 
     def _on_oom(self, batch: Batch) -> list[Request]:

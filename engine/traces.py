@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from autoopt.engine.request import Request
 
 __all__ = [

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from autoopt.calibration.calibrate import alloc_stream, calibrate, calibrate_main, default_grid
 
 BACKENDS = {"flash", "efficient", "math", "cudnn"}

@@ -13,9 +13,10 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import pytest
+from gymnasium import spaces
+
 from autoopt.policies import RuntimePolicy
 from autoopt.policies.export import ExportError, export_main, export_policy, sample_observations, sb3_predict
-from gymnasium import spaces
 
 NVEC = [3, 4, 2, 2, 5]
 OBS_DIM = 12
@@ -226,8 +227,9 @@ def test_export_refuses_mismatched_layout(ppo, tmp_path: Path) -> None:
 
 def test_verification_catches_a_real_disagreement(ppo, maskable, tmp_path: Path) -> None:
     """The check export runs is not a formality: the PPO policy against the MaskablePPO model fails it."""
-    from autoopt.policies.export import verify_against_sb3
     from sb3_contrib import MaskablePPO
+
+    from autoopt.policies.export import verify_against_sb3
 
     pol = RuntimePolicy.load(export_policy(ppo[0], tmp_path / "pol", vecnormalize_path=ppo[1], verify=0))
     other = MaskablePPO.load(maskable[0], device="cpu")
@@ -283,8 +285,9 @@ def test_onnx_matches_runtime(ppo, tmp_path: Path) -> None:
     report = check_onnx(pol, onnx_path, n=20_000)
     assert report["n"] == 20_000 and report["mismatches"] == 0
     # and ONNX agrees with SB3 directly, not only with the runtime
-    from autoopt.policies.onnx_export import onnx_session
     from stable_baselines3 import PPO
+
+    from autoopt.policies.onnx_export import onnx_session
 
     policy = RuntimePolicy.load(pol)
     obs = sample_observations(policy, 5000, seed=5)

@@ -7,6 +7,7 @@ from collections import defaultdict
 
 import numpy as np
 import pytest
+
 from autoopt.calibration.latency_model import LatencyModel, leave_one_out, normalise_row
 from autoopt.calibration.profile import load_profile
 

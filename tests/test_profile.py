@@ -6,6 +6,7 @@ import copy
 import json
 
 import pytest
+
 from autoopt.calibration.check import CheckError, check_main, check_profile, format_check, load_rows
 from autoopt.calibration.profile import (
     PROFILE_FORMAT,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from autoopt.policies import PolicyFileError, RuntimePolicy
 from autoopt.policies.export import write_npz
 

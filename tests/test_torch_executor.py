@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from autoopt.engine.executor import Batch, MemoryReading
 from autoopt.engine.knobs import Knobs
 from autoopt.engine.request import Request

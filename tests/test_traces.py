@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from autoopt.engine.request import Request, RequestState
 from autoopt.engine.traces import (
     SHIPPED_TRACES,

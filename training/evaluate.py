@@ -86,7 +86,7 @@ def run_policy(policy: KnobPolicy, s: Scenario, slo: SLO, seed: int, backend: st
     return report, series
 
 
-def training_scenarios(env_kwargs: dict[str, Any], duration_s: float = 120.0) -> list[Scenario]:
+def training_scenarios(env_kwargs: dict[str, Any], duration_s: float = 60.0) -> list[Scenario]:
     """A small grid spanning the training distribution: each trace at two loads."""
     r = env_kwargs.get("randomize", {})
     traces = r.get("traces") or [env_kwargs.get("trace", "azure-conv")]
