@@ -119,7 +119,10 @@ def run_scenario(
     engine = build_engine(s, slo, knobs, controller, backend, **executor_kwargs)
     drain = s.duration_s if drain_s is None else drain_s
     report = engine.run(until_s=s.duration_s + drain, on_step=on_step)
-    report["goodput_rps"] = report["met_slo"] / s.duration_s
+    # The window, cut where the (scaled) trace ends.
+    span = min(s.duration_s, cached_trace(s.trace).duration_s / s.load_scale - s.start_s)
+    report["window_s"] = span
+    report["goodput_rps"] = report["met_slo"] / max(span, 1e-9)
     report["lost"] = report["arrived"] - (
         report["completed"] + report["queued"] + report["running"] + report["rejected"]
     )

@@ -200,13 +200,15 @@ def warm_start_from_best_static(model: Any, cfg: dict[str, Any], cache_dir: Path
     overloads the engine, and spends most of a short budget relearning what a grid search
     already knows. So the search runs first (cached), and each action head's bias gets
     `logit` on the searched value: the deterministic policy starts as best-static, the
-    stochastic one explores around it, and PPO learns when to leave it.
+    stochastic one explores around it, and PPO learns when to leave it. `warm_start_heads`
+    names the heads that get the prior; the others (by default the batch limits, whose best
+    value moves with the load) start uniform and are learned.
     """
     import torch
 
     from ..agents.best_static import search_best_static
     from ..calibration.profile import load_profile
-    from ..engine.knob_space import ACTION_DIMS, knobs_to_action
+    from ..engine.knob_space import ACTION_DIMS, KNOB_NAMES, knobs_to_action
     from ..engine.telemetry import SLO
     from .evaluate import training_scenarios
 
@@ -219,10 +221,12 @@ def warm_start_from_best_static(model: Any, cfg: dict[str, Any], cache_dir: Path
     print(f"warm start from {result.knobs.to_dict()} ({result.goodput_rps:.2f} req/s)", file=sys.stderr)
     action = knobs_to_action(result.knobs)
     offsets = [sum(ACTION_DIMS[:h]) for h in range(len(ACTION_DIMS))]
+    heads = cfg.get("warm_start_heads", list(KNOB_NAMES))
     with torch.no_grad():
         bias = model.policy.action_net.bias
         for h, a in enumerate(action):
-            bias[offsets[h] + int(a)] += logit
+            if KNOB_NAMES[h] in heads:
+                bias[offsets[h] + int(a)] += logit
 
 
 def _plain(cfg: dict[str, Any], timesteps: int, n_envs: int, seed: int) -> dict[str, Any]:

@@ -1,0 +1,203 @@
+"""The simulator executor: seeded determinism and noise, memory accounting, allocator OOMs,
+graph captures, and the decode-context bookkeeping that stands in for a scan of the batch."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from autoopt.calibration.profile import load_profile
+from autoopt.calibration.sim_executor import SimExecutor
+from autoopt.engine.engine import Engine
+from autoopt.engine.executor import Batch, kv_token_budget
+from autoopt.engine.knobs import Knobs
+from autoopt.engine.request import Request
+from autoopt.engine.traces import load_trace
+
+GIB = 1 << 30
+H100 = "h100-gpt2-small"
+CPU = "cpu-tiny"
+
+
+def _replay(profile: str, *, seed: int = 0, noise: bool = False, cap_gib: float | None = None, **knobs) -> tuple:
+    """A short Azure window through the engine: (report as JSON, per-iteration trail)."""
+    ex = SimExecutor(
+        profile, max_slots=256, seed=seed, noise=noise, memory_cap_bytes=int(cap_gib * GIB) if cap_gib else None
+    )
+    trace = load_trace("azure-conv").scaled(10).window(0, 30).clip(ex.capacity.max_context)
+    engine = Engine(ex, trace.to_requests(), Knobs(**knobs) if knobs else None)
+    trail: list[tuple] = []
+    report = engine.run(
+        until_s=60, on_step=lambda s: trail.append((s.now_s, s.ms, s.running, s.oom, s.memory.used_bytes))
+    )
+    return json.dumps(report, sort_keys=True), trail
+
+
+@pytest.mark.parametrize(
+    "profile, knobs",
+    [
+        (H100, {"cuda_graphs": True, "max_num_seqs": 64}),
+        (H100, {"max_num_seqs": 256, "max_batched_tokens": 32768, "allocator": "default"}),
+        (CPU, {"attention": "math", "precision": "fp32"}),
+    ],
+)
+def test_same_seed_gives_the_same_replay(profile, knobs):
+    cap = 2.0 if profile == H100 and "allocator" in knobs else None  # under pressure the allocator draws too
+    first = _replay(profile, seed=3, noise=True, cap_gib=cap, **knobs)
+    again = _replay(profile, seed=3, noise=True, cap_gib=cap, **knobs)
+    assert first == again
+    assert first[1] and any(step[1] > 0 for step in first[1])
+
+
+def _decode_batches(n: int = 300) -> list[Batch]:
+    reqs = [Request(i, 0.0, 100 + 10 * i, 1000) for i in range(8)]
+    return [Batch([], reqs, 0, sum(r.context_len for r in reqs)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("profile", [H100, CPU])
+def test_noise_changes_times_but_is_seeded(profile):
+    def times(noise: bool, seed: int) -> list[float]:
+        ex = SimExecutor(profile, seed=seed, noise=noise)
+        return [ex.iteration_ms(b) for b in _decode_batches()]
+
+    clean = times(False, 0)
+    assert len(set(clean)) == 1  # the same batch costs the same without noise
+    noisy = times(True, 1)
+    assert noisy == times(True, 1)  # seeded
+    assert noisy != times(True, 2)
+    assert len(set(noisy)) > 10
+    # noise widens the spread around the profile's time, it does not move it
+    assert statistics.fmean(noisy) == pytest.approx(clean[0], rel=0.1)
+
+
+def test_kv_budget_follows_the_memory_cap_and_the_precision():
+    big = SimExecutor(H100)
+    small = SimExecutor(H100, memory_cap_bytes=4 * GIB)
+    mm = small.mem_model
+    for ex in (big, small):
+        expected = kv_token_budget(ex.capacity_bytes, mm.weight_bytes("bf16"), mm.kv_bytes_per_token("bf16"))
+        assert ex.capacity.max_kv_tokens == expected
+    assert small.capacity.max_kv_tokens < big.capacity.max_kv_tokens
+    bf16 = small.capacity.max_kv_tokens
+    small.apply_knobs(Knobs(), Knobs(precision="fp32", attention="efficient"))
+    fp32 = small.capacity.max_kv_tokens
+    assert fp32 == kv_token_budget(4 * GIB, mm.weight_bytes("fp32"), mm.kv_bytes_per_token("fp32"))
+    assert 0 < fp32 < bf16 / 2  # twice the bytes per token, and heavier weights
+
+
+def test_memory_reading_counts_weights_kv_and_activations():
+    ex = SimExecutor(H100, memory_cap_bytes=8 * GIB)
+    mm, w, kv = ex.mem_model, ex.mem_model.weight_bytes("bf16"), ex.mem_model.kv_bytes_per_token("bf16")
+    a, b = Request(1, 0.0, 100, 10), Request(2, 0.0, 120, 10)
+    assert not ex.execute(Batch([a, b], [], 220, 0)).oom
+    prefill_act = mm.prefill_activation_bytes(2, 120, "bf16")
+    assert ex.memory(full=True).used_bytes == w + 220 * kv + prefill_act
+    for r in (a, b):
+        r.generated = 1  # what the scheduler does after the prefill
+    assert not ex.execute(Batch([], [a, b], 0, a.context_len + b.context_len)).oom
+    # the two prompts, the token each prefill emitted, one decode token each
+    assert ex.memory(full=True).used_bytes == w + 224 * kv + mm.decode_activation_bytes(2, "bf16")
+    for r in (a, b):
+        r.generated = 2
+    ex.release([a, b])
+    c = Request(3, 0.0, 50, 10)
+    assert not ex.execute(Batch([c], [], 50, 0)).oom
+    assert ex.memory(full=True).used_bytes == w + 50 * kv + mm.prefill_activation_bytes(1, 50, "bf16")
+
+
+def test_a_tight_cap_ooms_more_with_the_default_allocator_than_with_expandable_segments():
+    knobs = {"max_num_seqs": 128, "max_batched_tokens": 16384}
+    for seed in (0, 1):
+        default = json.loads(_replay(H100, seed=seed, cap_gib=2.0, allocator="default", **knobs)[0])
+        expandable = json.loads(_replay(H100, seed=seed, cap_gib=2.0, allocator="expandable", **knobs)[0])
+        assert default["ooms"] >= 10 > expandable["ooms"]
+        for report in (default, expandable):  # nothing lost to the OOMs
+            assert report["balanced"] and report["arrived"] == report["completed"] + report["rejected"]
+    roomy = json.loads(_replay(H100, cap_gib=40.0, allocator="default", **knobs)[0])
+    assert roomy["ooms"] == 0
+
+
+def test_a_graph_capture_is_charged_once_per_batch_size_bucket():
+    ex = SimExecutor(H100)
+    ex.apply_knobs(None, Knobs(cuda_graphs=True))
+    lat = ex.latency
+
+    def decode(n: int) -> tuple[Batch, float]:
+        reqs = [Request(i, 0.0, 300, 100) for i in range(n)]
+        return Batch([], reqs, 0, 300 * n), 300.0
+
+    def replay(bucket: int, c: float) -> float:
+        return lat.decode_ms(bucket, c, "flash", "bf16", True)
+
+    batch3, c = decode(3)  # bucket 4
+    first, second = ex.iteration_ms(batch3), ex.iteration_ms(batch3)
+    assert second == pytest.approx(replay(4, c), rel=0.05)
+    assert first - second == pytest.approx(lat.capture_ms(4, c, "flash", "bf16"))
+    assert ex.iteration_ms(decode(4)[0]) == pytest.approx(second)  # same bucket: no capture
+    batch5, _ = decode(5)  # bucket 8: a new capture
+    assert ex.iteration_ms(batch5) - ex.iteration_ms(batch5) == pytest.approx(lat.capture_ms(8, c, "flash", "bf16"))
+    ex.apply_knobs(Knobs(cuda_graphs=True), Knobs(cuda_graphs=True, precision="fp16"))  # graphs are re-captured
+    assert ex.iteration_ms(batch3) > ex.iteration_ms(batch3)
+    ex.apply_knobs(Knobs(cuda_graphs=True, precision="fp16"), Knobs(cuda_graphs=False, precision="fp16"))
+    assert ex.iteration_ms(batch3) == ex.iteration_ms(batch3)  # eager: nothing to capture
+
+
+class _Checked(SimExecutor):
+    """Checks, before every iteration, the longest-context bookkeeping against a scan."""
+
+    checked = 0
+
+    def execute(self, batch: Batch):
+        if batch.decode:
+            assert self._longest_held() == max(r.context_len for r in batch.decode)
+            self.checked += 1
+        return super().execute(batch)
+
+
+@pytest.mark.parametrize("pressure", [False, True])
+def test_the_longest_decode_context_is_tracked_without_a_scan(pressure):
+    if pressure:  # OOMs, preemptions and re-prefills, on a profile told that decode pads
+        profile = load_profile(H100)
+        profile.provenance["decode_context"] = "longest"
+        ex = _Checked(profile, max_slots=256, memory_cap_bytes=2 * GIB)
+        knobs = Knobs(max_num_seqs=128, max_batched_tokens=16384)
+        trace = load_trace("azure-conv").scaled(10).window(0, 20)
+    else:
+        ex = _Checked(CPU, max_slots=32)
+        knobs = Knobs(attention="math", precision="fp32")
+        trace = load_trace("poisson:rate=300,duration=3,prompt_median=100,output_median=60", seed=1)
+    assert ex._pads_decode  # `autoopt calibrate` profiles say the engine pads decode to the longest context
+    engine = Engine(ex, trace.clip(ex.capacity.max_context).to_requests(), knobs)
+    report = engine.run()
+    assert ex.checked > 100 and report["completed"] > 0 and report["balanced"]
+    assert (report["ooms"] > 5) == pressure
+
+
+def test_the_longest_context_prices_a_padded_decode():
+    """A mixed-length decode batch costs what its longest row costs (TorchExecutor pads)."""
+    ex = SimExecutor(CPU)
+    ex.apply_knobs(None, Knobs(attention="math", precision="fp32"))
+    short = [Request(i, 0.0, 40, 100) for i in range(7)]
+    long_ = Request(9, 0.0, 400, 100)
+    mixed = ex.iteration_ms(Batch([], [*short, long_], 0, 7 * 40 + 400))
+    uniform = ex.iteration_ms(Batch([], [Request(i, 0.0, 400, 100) for i in range(8)], 0, 8 * 400))
+    assert mixed == uniform
+
+
+def test_a_decode_step_in_or_after_a_prefill_iteration_costs_the_measured_cold_factor():
+    ex = SimExecutor(CPU)
+    ex.apply_knobs(None, Knobs(attention="math", precision="fp32"))
+    factor = ex.profile.provenance["timing"]["decode_after_prefill"]
+    assert factor > 1.0  # calibrate measured it: caches are cold after a prefill
+    running = [Request(i, 0.0, 200, 100) for i in range(4)]
+    decode = Batch([], running, 0, 800)
+    prefill = Batch([Request(9, 0.0, 300, 5)], [], 300, 0)
+    warm = ex.iteration_ms(decode)
+    assert ex.iteration_ms(decode) == warm  # a step after a step
+    alone = ex.iteration_ms(prefill)
+    assert ex.iteration_ms(decode) == pytest.approx(warm * factor)  # right after the prefill
+    assert ex.iteration_ms(decode) == warm
+    mixed = ex.iteration_ms(Batch([Request(9, 0.0, 300, 5)], running, 300, 800))
+    assert mixed == pytest.approx(alone + warm * factor)
