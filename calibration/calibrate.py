@@ -3,8 +3,10 @@
 Writes a calibration profile (schema: version 1, see calibration/profile.py's readers):
 prefill latency over B x L, decode-step latency over B x C, for every attention kernel,
 precision and CUDA-graph setting the device runs; one-off switch costs; and on CUDA the
-allocator's behaviour under memory pressure. Timings go through `TorchExecutor`'s own
-prefill/decode paths, so the profile describes what the live engine does.
+allocator's behaviour under memory pressure. Timings are of `TorchExecutor.execute`, the
+live engine's own iteration, taken as serving takes them: prefills of varied shapes after
+decode steps, decode steps in a row (and right after a prefill), samples spread over several
+sweeps of the grid so that a shared host's slow phases touch every point alike.
 
 A time budget stops the run cleanly (what was measured is kept; provenance says the grid
 was cut), and a grid point that fails is recorded in provenance["errors"] without ending
@@ -453,12 +455,16 @@ def calibrate(
 
 def _default_notes(device_type: str) -> str:
     common = (
-        "Latencies: wall-clock (perf_counter, synchronised) medians after warm-ups of TorchExecutor's own "
-        "prefill/decode paths, seeded random weights. Rows are labelled with the attention KNOB; "
-        "provenance.effective_kernels says which SDPA kernel really ran (e.g. masked decode under 'flash' "
-        "runs 'efficient' on CUDA). Decode: every row at position C-1; eager attends over C rounded up to 64, "
-        "a captured graph over the full max_context. peak_alloc = weights + KV of the point (B*L or B*C "
-        "positions) + activations"
+        "Latencies: wall-clock (perf_counter, synchronised) times of TorchExecutor.execute iterations, "
+        "seeded random weights, sampled over provenance.timing.passes sweeps of the grid; ms is the point's "
+        "median ('median') or its median x the grid's mean sample/median ratio ('expected'; "
+        "provenance.timing). Prefill samples run in a shuffled order, each after a decode step of a running "
+        "request; decode rows time steps in a row of B prefilled requests whose mean attended context is C "
+        "(eager decode attends over the longest context rounded up to 64, a captured graph over the full "
+        "max_context); provenance.timing.decode_after_prefill is a decode step's slow-down right after a "
+        "prefill. Rows are labelled with the attention KNOB; provenance.effective_kernels says which SDPA "
+        "kernel really ran (e.g. masked decode under 'flash' runs 'efficient' on CUDA). peak_alloc = "
+        "weights + KV of the point (B*L or B*C positions) + activations"
     )
     if device_type == "cuda":
         return common + " (measured: max_memory_allocated above the baseline; graph rows add the graph's pool)."

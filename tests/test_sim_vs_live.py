@@ -50,15 +50,28 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def test_sim_and_live_agree_on_a_short_replay(tmp_path, one_thread):
-    bench = _benchmark()
-    profile = tmp_path / "cpu-tiny-now.json"
+def _attempt(bench, tmp_path: Path, n: int) -> list[str]:
+    """Profile the host, replay live and simulated; returns what disagrees (empty: all agree)."""
+    profile = tmp_path / f"cpu-tiny-now-{n}.json"
     calibrate("tiny", "cpu", profile, grid=GRID, progress=False, threads=1, name="cpu-tiny-now")
     case = bench.Case("poisson", "poisson:rate=12,duration=60,prompt_median=96,output_median=32", 1.0, 20.0)
     rows, extra = bench.compare(case, str(profile))
-    assert extra["completed"][0] == extra["completed"][1] == extra["arrived"] > 50
-    # the same batches cost about what the profile says (the profile describes the host now)
-    assert abs(extra["iter_ratio"] - 1.0) <= BOUND
+    assert extra["completed"][0] == extra["completed"][1] == extra["arrived"] > 100  # nothing lost either way
+    faults = []
+    # the same batches cost about what the profile says (it describes the host as it is now)
+    if not abs(extra["iter_ratio"] - 1.0) <= BOUND:
+        faults.append(f"iteration time live/sim {extra['iter_ratio']:.3f}")
     for key in ("goodput_rps", "tokens_per_s", "ttft_p50_ms", "tpot_p50_ms"):
         live, sim, err = rows[key]
-        assert math.isfinite(err) and abs(err) <= BOUND, f"{key}: live {live:.3f} sim {sim:.3f} ({err:+.1%})"
+        if not (math.isfinite(err) and abs(err) <= BOUND):
+            faults.append(f"{key}: live {live:.3f} sim {sim:.3f} ({err:+.1%})")
+    return faults
+
+
+def test_sim_and_live_agree_on_a_short_replay(tmp_path, one_thread):
+    """A shared host can be slow for a stretch of seconds: one retry, both attempts reported."""
+    bench = _benchmark()
+    faults = _attempt(bench, tmp_path, 1)
+    if faults:
+        again = _attempt(bench, tmp_path, 2)
+        assert not again, f"first attempt: {faults}; second attempt: {again}"
