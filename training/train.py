@@ -116,12 +116,11 @@ def train(
     checkpoint_freq: int = 20000,
 ) -> Path:
     """Train and return the run directory (model.zip, vecnormalize.pkl, policy/, TB events)."""
+    import torch
     from stable_baselines3.common.callbacks import CallbackList, CheckpointCallback
     from stable_baselines3.common.vec_env import VecNormalize
 
     from .callbacks import BestStaticEvalCallback, EnvScalarsCallback, HParamsCallback
-
-    import torch
 
     # A 64x64 MLP gains nothing from intra-op threads; they only contend with the envs.
     torch.set_num_threads(int(os.environ.get("AUTOOPT_TORCH_THREADS", "1")))
