@@ -93,7 +93,7 @@ class GuardedPolicy:
         costly = [k for k in COSTLY_KNOBS if getattr(knobs, k) != getattr(current, k)]
         if not costly:
             return knobs
-        if engine.now_s - self._last_costly_s >= self.min_costly_gap_s:
+        if math.isfinite(self.min_costly_gap_s) and engine.now_s - self._last_costly_s >= self.min_costly_gap_s:
             self._last_costly_s = engine.now_s
             return knobs
         self.held_switches += 1

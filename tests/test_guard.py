@@ -1,0 +1,116 @@
+"""The guard: a policy that raises, returns garbage or asks for the impossible never loses a request."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from autoopt.cli import main
+from autoopt.engine.engine import Engine
+from autoopt.engine.knob_space import ACTION_DIMS, knobs_to_action
+from autoopt.engine.knobs import Knobs
+from autoopt.engine.request import Request
+from autoopt.engine.torch_executor import TorchExecutor
+from autoopt.policies import resolve_policy
+from autoopt.policies.guard import GuardedPolicy
+from autoopt.policies.runtime import RuntimePolicy
+
+SAFE = Knobs(attention="math", precision="fp32", max_num_seqs=8)
+
+
+class Raising:
+    def act(self, obs, mask=None):
+        raise RuntimeError("boom")
+
+
+class Garbage:
+    def __init__(self, value):
+        self.value = value
+
+    def act(self, obs, mask=None):
+        return self.value
+
+
+class Fixed:
+    def __init__(self, knobs: Knobs):
+        self.action = knobs_to_action(knobs)
+
+    def act(self, obs, mask=None):
+        return self.action
+
+
+def _replay(policy, n: int = 12) -> tuple[dict, GuardedPolicy]:
+    guard = GuardedPolicy(policy, "cpu", fallback=SAFE)
+    reqs = [Request(rid=i, arrival_s=0.01 * i, prompt_len=16 + i, output_len=4) for i in range(n)]
+    engine = Engine(TorchExecutor("tiny", device="cpu", max_slots=8), reqs, SAFE, controller=guard)
+    report = engine.run()
+    return report, guard
+
+
+@pytest.mark.parametrize(
+    "policy, reason",
+    [
+        (Raising(), "policy raised RuntimeError"),
+        (Garbage(np.full(len(ACTION_DIMS), np.nan)), "action malformed or not finite"),
+        (Garbage([1, 2, 3]), "action malformed or not finite"),
+        (Garbage(np.array(ACTION_DIMS)), "action index out of range"),
+        (Garbage("not an action"), "policy raised ValueError"),
+        (Fixed(Knobs(cuda_graphs=True)), "action forbidden by the masks"),  # no CUDA graphs on a CPU
+    ],
+)
+def test_failing_policy_falls_back_and_loses_nothing(policy, reason):
+    report, guard = _replay(policy)
+    assert report["completed"] == report["arrived"] == 12 and report["rejected"] == 0
+    assert guard.fallbacks == report["fallbacks"] == report["iterations"] > 0
+    assert set(guard.reasons) == {reason}
+    assert report["knobs"] == SAFE.to_dict()
+
+
+def test_non_finite_observation_falls_back():
+    guard = GuardedPolicy(Fixed(SAFE), "cpu", fallback=SAFE)
+    reqs = [Request(rid=i, arrival_s=0.0, prompt_len=16, output_len=3) for i in range(4)]
+    engine = Engine(TorchExecutor("tiny", device="cpu", max_slots=8), reqs, SAFE, controller=guard)
+    engine.telemetry.slo_avg = float("nan")
+    report = engine.run()
+    assert guard.reasons["observation not finite"] >= 1 and report["completed"] == 4
+
+
+def test_costly_switches_are_rate_limited():
+    class Flipping:
+        def __init__(self):
+            self.n = 0
+
+        def act(self, obs, mask=None):
+            self.n += 1
+            return knobs_to_action(SAFE.replace(precision="bf16" if self.n % 2 else "fp32"))
+
+    guard = GuardedPolicy(Flipping(), "cpu", fallback=SAFE, max_costly_switches_per_s=0.0)
+    report, _ = _replay_with(guard)
+    assert guard.held_switches > 0 and report["switch_counts"].get("precision", 0) == 0
+    assert report["completed"] == report["arrived"]
+
+
+def _replay_with(guard: GuardedPolicy) -> tuple[dict, GuardedPolicy]:
+    reqs = [Request(rid=i, arrival_s=0.01 * i, prompt_len=16, output_len=4) for i in range(8)]
+    engine = Engine(TorchExecutor("tiny", device="cpu", max_slots=8), reqs, SAFE, controller=guard)
+    return engine.run(), guard
+
+
+def test_replay_cli_with_the_shipped_policy(tmp_path):
+    out = tmp_path / "r.json"
+    rc = main(["replay", "--trace", "poisson:rate=20,duration=4", "--model", "tiny", "--device", "cpu",
+               "--duration", "4", "--policy", str(resolve_policy("h100-gpt2-small")), "--report", str(out)])
+    report = json.loads(out.read_text())
+    assert rc == 0 and report["balanced"]
+    assert report["arrived"] == report["completed"] + report["queued"] + report["running"] + report["rejected"]
+    assert report["knobs"]["cuda_graphs"] is False  # the CPU masks held
+    assert "fallbacks" in report
+
+
+def test_shipped_policy_loads_and_matches_the_engine_layout():
+    from autoopt.engine.features import FEATURE_NAMES
+
+    policy = RuntimePolicy.load(resolve_policy("h100-gpt2-small"), expected_features=list(FEATURE_NAMES))
+    assert policy.action_dims == ACTION_DIMS
