@@ -26,7 +26,7 @@ ENV_TARGET = 20_000
 LOADS: tuple[tuple[float, str, bool], ...] = (
     (3.0, "light (~3 running)", False),
     (10.0, "realistic (~20 running)", True),
-    (15.0, "heavy (~50 running, queue forming)", True),
+    (15.0, "heavy (~50 running, a queue)", True),
 )
 KNOBS = {"max_num_seqs": 64, "max_batched_tokens": 8192, "cuda_graphs": True}
 

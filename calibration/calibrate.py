@@ -519,7 +519,7 @@ def _point_ms(samples: Sequence[float], stat: str, tail: float) -> tuple[float, 
     """
     med = float(statistics.median(samples))
     lo, hi = float(min(samples)), float(max(samples))
-    ms = min(hi, med * tail) if stat == "expected" else med
+    ms = max(lo, min(hi, med * tail)) if stat == "expected" else med
     return ms, lo, hi
 
 
@@ -608,7 +608,17 @@ class _GridRun:
     spread over the run: a slow phase of a shared host then touches every point a little
     rather than a few points a lot. Rows pool each point's samples over the passes."""
 
-    def __init__(self, ex, cfg, dev, g, clock, bar, errors, kernels) -> None:
+    def __init__(
+        self,
+        ex: TorchExecutor,
+        cfg: Any,
+        dev: torch.device,
+        g: dict[str, Any],
+        clock: _Clock,
+        bar: Any,
+        errors: list[dict[str, Any]],
+        kernels: dict[str, dict[str, str]],
+    ) -> None:
         self.ex, self.cfg, self.dev, self.g, self.clock, self.bar = ex, cfg, dev, g, clock, bar
         self.errors, self.kernels = errors, kernels
         self.samples: dict[tuple, list[float]] = {}
@@ -619,7 +629,13 @@ class _GridRun:
         self.rng = np.random.default_rng(0)
         self.cold_ratios: dict[bool, list[float]] = {}  # cuda_graphs -> cold step / typical step
 
-    def run(self, combos, pre_pts, dec_pts, passes: int) -> str:
+    def run(
+        self,
+        combos: list[tuple[str, str]],
+        pre_pts: list[tuple[int, int]],
+        dec_pts: list[tuple[int, int, bool]],
+        passes: int,
+    ) -> str:
         """Measure; returns why the grid was cut ('' if it was not)."""
         ex, budget = self.ex, self.clock.budget_s
         bad_combos: set[tuple[str, str]] = set()
@@ -725,7 +741,13 @@ class _GridRun:
         self.failed.add(key)
         _free_cuda(self.dev)
 
-    def rows(self, combos, pre_pts, dec_pts) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    def rows(
+        self,
+        combos: list[tuple[str, str]],
+        pre_pts: list[tuple[int, int]],
+        dec_pts: list[tuple[int, int, bool]],
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The profile's rows, and `self.timing` (how the rows' ms were formed)."""
         cfg, stat, ctx = self.cfg, self.g.get("stat", "median"), self.cfg.max_context
         kinds = ("prefill", "decode")
         by_kind = {kind: [xs for key, xs in self.samples.items() if key[0] == kind] for kind in kinds}
