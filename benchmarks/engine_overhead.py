@@ -85,10 +85,21 @@ def main() -> None:
         print(f"{'engine + guarded policy':<26} skipped: {exc}")
         return
     guard = GuardedPolicy(policy, "cpu", fallback=Knobs(attention="math", precision="fp32"))
-    model_p, control_p = measure(a.model, a.iterations, controller=guard)
+    guard_s: list[float] = []
+
+    def query_only(engine):
+        # The full guarded query (observation, policy, masks, checks) every iteration, timed;
+        # its answer is dropped so both runs execute the same knobs and the model times compare.
+        t = time.perf_counter()
+        guard(engine)
+        guard_s.append(time.perf_counter() - t)
+        return None
+
+    model_p, control_p = measure(a.model, a.iterations, controller=query_only)
+    g = statistics.median(guard_s)
     print(f"{'engine + guarded policy':<26}{model_p * 1e3:>10.2f}{control_p * 1e6:>12.1f}{control_p / (model_p + control_p):>14.3%}")
-    print(f"policy adds {max(0.0, control_p - control_s) * 1e6:.1f} us per iteration "
-          f"= {max(0.0, control_p - control_s) / (model_p + control_p):.3%} of an iteration; fallbacks {guard.fallbacks}")
+    print(f"guarded policy query: median {g * 1e6:.1f} us = {g / (model_p + control_p):.4%} of an iteration "
+          f"(target < 1%); fallbacks {guard.fallbacks}")
 
 
 if __name__ == "__main__":
