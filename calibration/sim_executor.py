@@ -58,6 +58,12 @@ def _not_applicable(knobs: Knobs, device_type: str) -> dict[str, str]:
     return not_applicable(knobs, device_type)  # copied by the caller: the cached dict is shared
 
 
+def _prefill_shape(prefill: list) -> tuple[int, int]:
+    """(prompts, longest prompt): the torch engine pads a prefill batch to its longest."""
+    n = len(prefill)
+    return n, (max([r.context_len for r in prefill]) if n > 1 else prefill[0].context_len)
+
+
 def _bucket(x: float) -> int:
     return int(round(math.log(max(x, 1.0)) / _LOG_STEP))
 
@@ -183,19 +189,21 @@ class SimExecutor:
         return report
 
     # -- execution --------------------------------------------------------------------
-    def iteration_ms(self, batch: Batch, decode_context: int | None = None) -> float:
+    def iteration_ms(
+        self, batch: Batch, decode_context: int | None = None, prefill_shape: tuple[int, int] | None = None
+    ) -> float:
         """The predicted time of one iteration (charging a graph capture the first time a
         batch-size bucket replays), without touching the memory state.
 
         `decode_context`: the longest context in `batch.decode`; found from the batch when
         not given (the executor knows it without a scan when it runs the batch itself).
+        `prefill_shape`: (prompts, longest prompt) of `batch.prefill`, when already known.
         """
         graphs = self._graphs
         ms = 0.0
         prefill = batch.prefill
         if prefill:
-            n_pre = len(prefill)
-            l_max = max([r.context_len for r in prefill]) if n_pre > 1 else prefill[0].context_len
+            n_pre, l_max = prefill_shape if prefill_shape is not None else _prefill_shape(prefill)
             ms = self._pre_memo.get(n_pre << 20 | l_max)
             if ms is None:
                 ms = self._pre_memo[n_pre << 20 | l_max] = self._prefill_ms(n_pre, l_max)
@@ -241,9 +249,10 @@ class SimExecutor:
         n_dec = len(decode)
         # The decode set is every request holding KV when the scheduler drives this executor.
         longest = self._longest_held() if n_dec and self._pads_decode and n_dec == len(self._held) else None
-        ms = self._pending_ms + self.iteration_ms(batch, longest)
+        shape = _prefill_shape(batch.prefill) if batch.prefill else (0, 0)
+        ms = self._pending_ms + self.iteration_ms(batch, longest, shape)
         self._pending_ms = 0.0
-        need, transient = self._need_bytes(batch)
+        need, transient = self._need_bytes(batch, shape)
         self._used = need
         if need > self.capacity_bytes:
             return self._oom(ms)
@@ -270,14 +279,12 @@ class SimExecutor:
         self._pending_ms += float(self._switch.get("empty_cache_ms", 0.0))
         return StepResult(ms=ms, oom=True, error="out of memory (simulated)")
 
-    def _need_bytes(self, batch: Batch) -> tuple[int, int]:
+    def _need_bytes(self, batch: Batch, prefill_shape: tuple[int, int]) -> tuple[int, int]:
         """Bytes the iteration needs at its peak, and the transient (activation) part."""
         memo = self._act_memo
         transient = 0
-        prefill = batch.prefill
-        if prefill:
-            n_pre = len(prefill)
-            l_max = max([r.context_len for r in prefill]) if n_pre > 1 else prefill[0].context_len
+        n_pre, l_max = prefill_shape
+        if n_pre:
             transient = memo.get((n_pre, l_max))
             if transient is None:
                 act = self.mem_model.prefill_activation_bytes(n_pre, l_max, self._precision)
