@@ -78,15 +78,6 @@ class Scheduler:
                 keep.append(r)
         self.waiting = keep
 
-    def reject_waiting(self, reason: str) -> list[Request]:
-        """Reject everything still queued (used when an operator drains the engine)."""
-        out = list(self.waiting)
-        self.waiting.clear()
-        self.queued_tokens = 0
-        for r in out:
-            self._reject(r, reason)
-        return out
-
     # -- one iteration ----------------------------------------------------------------
     def limits(self, knobs: Knobs) -> tuple[int, int]:
         """The batch limits in force: the knobs, capped by KV slots, shrunk after OOMs."""
