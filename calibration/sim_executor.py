@@ -68,6 +68,12 @@ def _bucket(x: float) -> int:
     return int(round(math.log(max(x, 1.0)) / _LOG_STEP))
 
 
+def _bucket_value(bucket: int) -> float:
+    """The point a bucket stands for: every input in it gets the prediction made here, so a
+    lookup never depends on which input reached the shared memo first (reproducibility)."""
+    return math.exp(bucket * _LOG_STEP)
+
+
 def _graph_bucket(b: int) -> int:
     return 1 << max(0, (b - 1).bit_length())
 
@@ -301,18 +307,22 @@ class SimExecutor:
 
     def _prefill_ms(self, b: int, length: int) -> float:
         attention, precision = self._attention, self._precision
-        key = (0, b, _bucket(length), attention, precision)
+        bucket = _bucket(length)
+        key = (0, b, bucket, attention, precision)
         ms = self._cache.get(key)
         if ms is None:
-            ms = self._cache[key] = float(self.latency.prefill_ms(b, length, attention, precision))
+            ms = self._cache[key] = float(self.latency.prefill_ms(b, _bucket_value(bucket), attention, precision))
         return ms
 
     def _decode_ms(self, b: int, context: float) -> float:
         attention, precision, graphs = self._attention, self._precision, self._graphs
-        key = (1, b, _bucket(context), attention, precision, graphs)
+        bucket = _bucket(context)
+        key = (1, b, bucket, attention, precision, graphs)
         ms = self._cache.get(key)
         if ms is None:
-            ms = self._cache[key] = float(self.latency.decode_ms(b, context, attention, precision, graphs))
+            ms = self._cache[key] = float(
+                self.latency.decode_ms(b, _bucket_value(bucket), attention, precision, graphs)
+            )
         return ms
 
     # -- state ------------------------------------------------------------------------

@@ -51,6 +51,23 @@ def test_same_seed_gives_the_same_replay(profile, knobs):
     assert first[1] and any(step[1] > 0 for step in first[1])
 
 
+
+def test_a_replay_does_not_depend_on_what_ran_before_it_in_the_process():
+    """Executors of a profile share a latency memo: a lookup must not depend on which
+    input reached it first, or the same seed gives different trajectories by run order."""
+    from autoopt.calibration.sim_executor import cached_profile
+
+    def fresh_memo():
+        cached_profile(H100).latency()._sim_memo = {}
+
+    fresh_memo()
+    alone = _replay(H100, max_num_seqs=128, max_batched_tokens=8192)
+    fresh_memo()
+    for seqs, tokens in ((256, 32768), (32, 1024), (64, 16384)):  # other batch shapes fill the memo first
+        _replay(H100, max_num_seqs=seqs, max_batched_tokens=tokens)
+    after_others = _replay(H100, max_num_seqs=128, max_batched_tokens=8192)
+    assert alone == after_others
+
 def _decode_batches(n: int = 300) -> list[Batch]:
     reqs = [Request(i, 0.0, 100 + 10 * i, 1000) for i in range(8)]
     return [Batch([], reqs, 0, sum(r.context_len for r in reqs)) for _ in range(n)]
