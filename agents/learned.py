@@ -40,9 +40,11 @@ class LearnedPolicy:
 
     def __init__(
         self, actor: Policy, device_type: str, name: str = "ppo", fallback: Knobs | None = None,
-        max_costly_switches_per_s: float = 1.0,
+        max_costly_switches_per_s: float = 1.0, decide_every: int | None = None,
     ) -> None:
         self.name = name
+        # the cadence the actor was trained at: a runtime policy's manifest says it
+        self.decide_every = decide_every or getattr(actor, "decide_every", 1)
         self.actor = actor
         self.device_type = device_type
         self.fallback = fallback
@@ -50,7 +52,7 @@ class LearnedPolicy:
         self.reset()
 
     def reset(self) -> None:
-        self.guard = GuardedPolicy(self.actor, self.device_type, self.fallback, self.rate)
+        self.guard = GuardedPolicy(self.actor, self.device_type, self.fallback, self.rate, self.decide_every)
 
     def knobs(self, obs: np.ndarray, engine: Engine) -> Knobs:
         return self.guard(engine)

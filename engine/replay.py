@@ -78,9 +78,10 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
         from ..policies.guard import GuardedPolicy
         from ..policies.runtime import RuntimePolicy
 
+        policy = RuntimePolicy.load(args.policy)
         controller = GuardedPolicy(
-            RuntimePolicy.load(args.policy), device_type=executor.device_type, fallback=knobs,
-            max_costly_switches_per_s=args.max_switches_per_s,
+            policy, device_type=executor.device_type, fallback=knobs,
+            max_costly_switches_per_s=args.max_switches_per_s, decide_every=policy.decide_every,
         )
     engine = Engine(
         executor,

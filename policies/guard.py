@@ -7,6 +7,8 @@ the policy, and checks the answer before it reaches the engine:
 - an action the masks forbid (a kernel the device lacks, flash in fp32) -> the same;
 - a costly switch (precision, CUDA graphs, attention kernel: they recast weights or
   recapture graphs) is held back to at most `max_costly_switches_per_s`.
+With `decide_every` = n > 1 the policy is asked every n-th iteration and its knobs hold in
+between: the cadence it was trained at (the environment's `iterations_per_step`).
 Each fallback is counted with its reason; the scheduler's own accounting is untouched,
 so a failing policy can at worst leave the engine on a safe static config.
 """
@@ -42,7 +44,10 @@ class GuardedPolicy:
         device_type: str,
         fallback: Knobs | None = None,
         max_costly_switches_per_s: float = 1.0,
+        decide_every: int = 1,
     ) -> None:
+        if not isinstance(decide_every, int) or decide_every < 1:
+            raise ValueError(f"decide_every must be an integer >= 1, got {decide_every!r}")
         if not (max_costly_switches_per_s >= 0 and math.isfinite(max_costly_switches_per_s)):
             raise ValueError("max_costly_switches_per_s must be a finite number >= 0")
         self.policy = policy
@@ -56,6 +61,8 @@ class GuardedPolicy:
         self.reasons: Counter[str] = Counter()
         self._last_costly_s = -math.inf
         self._dims = np.array(ACTION_DIMS)
+        self.decide_every = decide_every
+        self._until_decision = 0
 
     def _fall_back(self, engine: Engine, reason: str) -> Knobs:
         self.fallbacks += 1
@@ -64,6 +71,10 @@ class GuardedPolicy:
         return self.last_good or self.fallback
 
     def __call__(self, engine: Engine) -> Knobs:
+        if self._until_decision > 0 and self.last_good is not None:
+            self._until_decision -= 1
+            return self.last_good.replace(reclaim=False) if self.last_good.reclaim else self.last_good
+        self._until_decision = self.decide_every - 1
         nonfinite = self.builder.nonfinite
         obs = self.builder.build(engine)
         if self.builder.nonfinite != nonfinite:

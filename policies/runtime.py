@@ -156,6 +156,13 @@ class RuntimePolicy:
         return self._manifest
 
     @property
+    def decide_every(self) -> int:
+        """Engine iterations per decision the policy was trained at (its env's
+        `iterations_per_step`; 1 when the manifest does not say)."""
+        n = self._manifest.get("env_kwargs", {}).get("iterations_per_step", 1)
+        return n if isinstance(n, int) and n >= 1 else 1
+
+    @property
     def obs_dim(self) -> int:
         return len(self._features)
 

@@ -114,3 +114,42 @@ def test_shipped_policy_loads_and_matches_the_engine_layout():
 
     policy = RuntimePolicy.load(resolve_policy("h100-gpt2-small"), expected_features=list(FEATURE_NAMES))
     assert policy.action_dims == ACTION_DIMS
+
+
+class Counting:
+    """Alternates between two batch limits and counts how often it is asked."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def act(self, obs, mask=None):
+        self.calls += 1
+        return knobs_to_action(SAFE.replace(max_num_seqs=8 if self.calls % 2 else 16, reclaim=self.calls == 1))
+
+
+def test_guard_decides_every_n_iterations_and_holds_between():
+    """A policy trained at one decision per n iterations is asked at that cadence; the
+    knobs hold in between, and a one-shot reclaim is not repeated while they hold."""
+    policy = Counting()
+    # masks of a CUDA device, where reclaim is a real action (the CPU engine ignores it)
+    guard = GuardedPolicy(policy, "cuda", fallback=SAFE, decide_every=4)
+    reqs = [Request(rid=i, arrival_s=0.0, prompt_len=8, output_len=10) for i in range(3)]
+    answers = []
+
+    def controller(engine):
+        answers.append(guard(engine))
+        return answers[-1]
+
+    engine = Engine(TorchExecutor("tiny", device="cpu", max_slots=8), reqs, SAFE, controller=controller)
+    assert engine.run()["completed"] == 3
+    n = len(answers)
+    assert n > 8 and policy.calls == -(-n // 4)  # ceil: asked on calls 0, 4, 8, ...
+    limits = [k.max_num_seqs for k in answers]
+    assert all(len(set(limits[i:i + 4])) == 1 for i in range(0, n, 4))
+    assert limits[0] != limits[4]
+    assert [k.reclaim for k in answers].count(True) == 1
+
+
+def test_guard_rejects_a_bad_cadence():
+    with pytest.raises(ValueError, match="decide_every"):
+        GuardedPolicy(Counting(), "cpu", decide_every=0)

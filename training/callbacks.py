@@ -120,6 +120,7 @@ class BestStaticEvalCallback(BaseCallback):
         self.eval_freq = eval_freq
         self.cache_dir = cache_dir
         self.best_path = best_path
+        self.decide_every = int(env_kwargs.get("iterations_per_step", 1))
         self.best_ratio = -np.inf
         self.static_goodput: float | None = None
 
@@ -140,7 +141,7 @@ class BestStaticEvalCallback(BaseCallback):
             res = search_best_static(self.scenarios, self.slo, device, max_passes=1, cache_dir=self.cache_dir)
             self.static_goodput = res.goodput_rps
         vecnorm = self.model.get_vec_normalize_env()
-        policy = LearnedPolicy(SB3Actor(self.model, vecnorm), device)
+        policy = LearnedPolicy(SB3Actor(self.model, vecnorm), device, decide_every=self.decide_every)
         goodputs = []
         for s in self.scenarios:
             policy.reset()
