@@ -112,3 +112,15 @@ def test_evaluate_accepts_a_trace_file_and_writes_report_and_plots(run_dir, tmp_
         assert r["lost"] == 0
     assert list(plots.glob("*.png"))
     assert "best-static" in capsys.readouterr().out
+
+
+def test_evaluate_takes_one_load_and_cap_per_trace_with_scenario(tmp_path):
+    """Traces saturate the card at different load scales: --scenario names each one."""
+    report_path = tmp_path / "eval.json"
+    rc = evaluate_main(["--policy", "none", "--baselines", "default", "--scenario", "azure-conv", "3", "4",
+                        "--scenario", "mooncake-conv", "5", "0", "--duration", "4", "--report", str(report_path)])
+    assert rc == 0
+    got = [(s["trace"], s["load_scale"], s["memory_cap_gib"]) for s in json.loads(report_path.read_text())["scenarios"]]
+    assert got == [("azure-conv", 3.0, 4.0), ("mooncake-conv", 5.0, None)]
+    with pytest.raises(SystemExit):
+        evaluate_main(["--policy", "none", "--baselines", "default", "--scenario", "azure-conv", "heavy", "4"])

@@ -197,6 +197,11 @@ def evaluate_main(argv: list[str]) -> int:
     p.add_argument("--profile", default="h100-gpt2-small")
     p.add_argument("--load-scale", type=float, nargs="+", default=[4.0])
     p.add_argument("--memory-cap", type=float, nargs="+", default=[4.0], help="GiB; 0 for the whole device")
+    p.add_argument(
+        "--scenario", nargs=3, action="append", default=None, metavar=("TRACE", "LOAD", "CAP_GIB"),
+        help="one scenario (repeatable), for traces whose stress loads differ; replaces the "
+        "--trace x --load-scale x --memory-cap grid",
+    )
     p.add_argument("--start", type=float, default=0.0)
     p.add_argument("--duration", type=float, default=120.0)
     p.add_argument("--slo-ttft-ms", type=float, default=None)
@@ -214,9 +219,15 @@ def evaluate_main(argv: list[str]) -> int:
         (a.slo_tpot_ms or env_kwargs.get("slo_tpot_ms", 100.0)) / 1e3,
     )
     traces = a.trace or ["azure-conv"]
+    grid = [(t, x, c) for t in traces for x in a.load_scale for c in a.memory_cap]
+    if a.scenario:
+        try:
+            grid = [(t, float(x), float(c)) for t, x, c in a.scenario]
+        except ValueError:
+            p.error("--scenario takes TRACE LOAD CAP_GIB, with LOAD and CAP_GIB numbers")
     scenarios = [
         Scenario(trace=t, load_scale=x, memory_cap_gib=c or None, profile=a.profile, start_s=a.start, duration_s=a.duration)
-        for t in traces for x in a.load_scale for c in a.memory_cap
+        for t, x, c in grid
     ]
     search = training_scenarios(env_kwargs) if a.best_static_on == "train" and env_kwargs else None
     baselines = [b for b in a.baselines.split(",") if b]

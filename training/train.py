@@ -153,7 +153,7 @@ def train(
             **params,
         )
         if cfg.get("warm_start") == "best-static":
-            warm_start_from_best_static(model, cfg, Path(logdir) / "cache", float(cfg.get("warm_start_logit", 4.0)))
+            warm_start_from_best_static(model, cfg, Path(logdir) / "cache", cfg.get("warm_start_logit", 4.0))
     (run_dir / "config.yaml").write_text(yaml.safe_dump({ENV_ID: _plain(cfg, timesteps, n_envs, seed)}))
     eval_cfg = cfg.get("eval", {})
     callbacks = [
@@ -192,7 +192,9 @@ def train(
     return run_dir
 
 
-def warm_start_from_best_static(model: Any, cfg: dict[str, Any], cache_dir: Path, logit: float) -> None:
+def warm_start_from_best_static(
+    model: Any, cfg: dict[str, Any], cache_dir: Path, logit: float | dict[str, float]
+) -> None:
     """Start PPO from the best static config instead of a uniform policy.
 
     A uniform start picks math attention, fp32 and tiny batches as often as anything else,
@@ -200,8 +202,10 @@ def warm_start_from_best_static(model: Any, cfg: dict[str, Any], cache_dir: Path
     already knows. So the search runs first (cached), and each action head's bias gets
     `logit` on the searched value: the deterministic policy starts as best-static, the
     stochastic one explores around it, and PPO learns when to leave it. `warm_start_heads`
-    names the heads that get the prior; the others (by default the batch limits, whose best
-    value moves with the load) start uniform and are learned.
+    names the heads that get the prior; the others start uniform and are learned.
+    `logit` may be a mapping {head: logit, "default": logit}: a strong prior on the knobs
+    whose best value hardly moves (kernel, precision, graphs) keeps exploration where it
+    pays, on the batch limits, whose best value moves with the load and the memory.
     """
     import torch
 
@@ -221,11 +225,16 @@ def warm_start_from_best_static(model: Any, cfg: dict[str, Any], cache_dir: Path
     action = knobs_to_action(result.knobs)
     offsets = [sum(ACTION_DIMS[:h]) for h in range(len(ACTION_DIMS))]
     heads = cfg.get("warm_start_heads", list(KNOB_NAMES))
+    logits = dict(logit) if isinstance(logit, dict) else {"default": logit}
+    unknown = set(logits) - {"default", *KNOB_NAMES}
+    if unknown:
+        raise ValueError(f"warm_start_logit: unknown head(s) {sorted(unknown)}; known: {list(KNOB_NAMES)}")
     with torch.no_grad():
         bias = model.policy.action_net.bias
         for h, a in enumerate(action):
-            if KNOB_NAMES[h] in heads:
-                bias[offsets[h] + int(a)] += logit
+            name = KNOB_NAMES[h]
+            if name in heads:
+                bias[offsets[h] + int(a)] += float(logits.get(name, logits.get("default", 4.0)))
 
 
 def _plain(cfg: dict[str, Any], timesteps: int, n_envs: int, seed: int) -> dict[str, Any]:
