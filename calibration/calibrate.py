@@ -67,6 +67,12 @@ _CPU_GRID: dict[str, Any] = {
     "passes": 4,
     "cold_runs": 2,  # decode steps timed right after a prefill, per point and pass
     "stat": "expected",  # a point's ms: "median" of its samples, or "expected" (see _point_ms)
+    # The prompt lengths a row (B, L) times: "exact" (L itself) or "below" (L-1 down to
+    # L-1-L/64, drawn per sample). Powers of two are the GEMMs' fast, aligned shapes (on this
+    # CPU a 512-token prefill is ~12% quicker than a 511-token one); served prompts rarely
+    # are one, and the engine never prefills max_context itself (a prompt leaves room for
+    # its first token).
+    "prefill_lengths": "below",
     "alloc": None,
 }
 _CUDA_GRID: dict[str, Any] = {
@@ -82,6 +88,7 @@ _CUDA_GRID: dict[str, Any] = {
     "passes": 1,
     "cold_runs": 2,
     "stat": "median",
+    "prefill_lengths": "exact",  # as the shipped h100 profiles were measured
     # (cfg, cap_frac): cap_frac 0 = uncapped
     "alloc": {
         "runs": [["default", 0.0], ["default", 1.3], ["expandable", 1.3], ["split128", 1.3], ["gc08_split128", 1.3]],
@@ -334,6 +341,8 @@ def calibrate(
     g = _merge(default_grid(dev.type, quick), grid)
     if g.get("stat", "median") not in STATS:
         raise ValueError(f"grid stat must be one of {list(STATS)}, got {g['stat']!r}")
+    if g.get("prefill_lengths", "exact") not in PREFILL_LENGTHS:
+        raise ValueError(f"grid prefill_lengths must be one of {list(PREFILL_LENGTHS)}, got {g['prefill_lengths']!r}")
     graphs = [bool(x) for x in g["cuda_graphs"] if dev.type == "cuda" or not x]
     combos, skipped = _combos(g, dev.type)
     pre_pts, dec_pts = _points(g, graphs)
@@ -368,6 +377,7 @@ def calibrate(
     ex = TorchExecutor(
         model_name, str(dev), max_slots=slots, max_context=ctx, knobs=Knobs(precision=base_prec, attention="math")
     )
+    cpu_malloc = dict(ex.cpu_malloc)
     passes = max(1, int(g.get("passes", 1)))
     bar = tqdm(total=planned * passes, desc=f"calibrate {model_name}/{dev.type}", disable=not progress, unit="pt")
     try:
@@ -424,6 +434,9 @@ def calibrate(
         "switch_detail": switch_detail,
         "allocator_note": alloc_note,
         "calibration_executor": {"max_slots": slots, "max_context": ctx, "seed": 0},
+        # the host's malloc as the engine set it (CPU: fixed glibc thresholds, so that an
+        # iteration's activations cost the same whatever ran before; see pin_cpu_malloc)
+        "cpu_malloc": cpu_malloc,
         # Timings go through TorchExecutor.execute, whose eager decode pads every row to the
         # longest context in the batch: the simulator charges a mixed batch that way.
         "decode_context": "longest",
@@ -459,7 +472,8 @@ def _default_notes(device_type: str) -> str:
         "seeded random weights, sampled over provenance.timing.passes sweeps of the grid; ms is the point's "
         "median ('median') or its median x the grid's mean sample/median ratio ('expected'; "
         "provenance.timing). Prefill samples run in a shuffled order, each after a decode step of a running "
-        "request; decode rows time steps in a row of B prefilled requests whose mean attended context is C "
+        "request, on prompts of L tokens (grid prefill_lengths 'exact') or of L-1 down to L-1-L/64 ('below': "
+        "served prompts are rarely the GEMMs' aligned powers of two); decode rows time steps in a row of B prefilled requests whose mean attended context is C "
         "(eager decode attends over the longest context rounded up to 64, a captured graph over the full "
         "max_context); provenance.timing.decode_after_prefill is a decode step's slow-down right after a "
         "prefill. Rows are labelled with the attention KNOB; provenance.effective_kernels says which SDPA "
@@ -485,6 +499,14 @@ def _err(exc: BaseException) -> str:
 
 
 STATS = ("median", "expected")
+PREFILL_LENGTHS = ("exact", "below")
+
+
+def prompt_length(n: int, mode: str, rng: np.random.Generator) -> int:
+    """The prompt length a sample of grid row L = `n` runs (see the grid's prefill_lengths)."""
+    if mode != "below" or n <= 1:
+        return n
+    return max(1, n - 1 - int(rng.integers(0, n // 64 + 1)))
 
 
 def _tail_factor(samples: Sequence[Sequence[float]]) -> float:
@@ -695,6 +717,7 @@ class _GridRun:
         try:
             _check_shape(ex, b, n, spare_slots=1)
             bg.step()
+            n = prompt_length(n, self.g.get("prefill_lengths", "exact"), self.rng)
             reqs = [Request(i, 0.0, n, 1) for i in range(b)]
             try:
                 ms, trans = _peak(self.dev, lambda: _step_ms(ex, Batch(reqs, [], b * n, 0)))

@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
-from autoopt.calibration.calibrate import alloc_stream, calibrate, calibrate_main, default_grid
+from autoopt.calibration.calibrate import alloc_stream, calibrate, calibrate_main, default_grid, prompt_length
 
 BACKENDS = {"flash", "efficient", "math", "cudnn"}
 PRECISIONS = {"bf16", "fp16", "fp32_tf32", "fp32"}
@@ -83,6 +84,8 @@ def test_small_grid_profile_is_schema_valid_with_errors_recorded(tmp_path: Path)
     assert pv["planned_points"] == 16 + 4
     assert on_disk["switch"]["precision_change_ms"] > 0
     assert on_disk["allocator"] == {}
+    assert pv["cpu_malloc"]["pinned"] in (True, False)  # what the engine set (see pin_cpu_malloc)
+    assert pv["grid"]["prefill_lengths"] == "below"  # the CPU grid's default
     big = [r for r in on_disk["prefill"] if r["B"] == 2 and r["L"] == 24 and r["backend"] == "math"][0]
     small = [r for r in on_disk["prefill"] if r["B"] == 1 and r["L"] == 8 and r["backend"] == "math"][0]
     assert big["peak_alloc"] > small["peak_alloc"]
@@ -106,6 +109,8 @@ def test_budget_cuts_the_grid_and_says_so(tmp_path: Path) -> None:
 def test_bad_input_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown grid key"):
         calibrate("tiny", "cpu", None, grid={"nonsense": 1}, progress=False)
+    with pytest.raises(ValueError, match="prefill_lengths"):
+        calibrate("tiny", "cpu", None, grid={"prefill_lengths": "odd"}, progress=False)
     with pytest.raises(ValueError, match="unknown model"):
         calibrate("gpt5", "cpu", None, progress=False)
     assert calibrate_main(["--model", "gpt5", "--device", "cpu", "--out", str(tmp_path / "x.json")]) == 2
@@ -120,3 +125,19 @@ def test_default_grids() -> None:
     stream = alloc_stream(cuda["alloc"], 2048)
     assert len(stream) == 250 and all(16 <= n <= 2048 and 1 <= b * n <= 32768 for b, n in stream)
     assert stream == alloc_stream(cuda["alloc"], 2048)  # seeded
+
+
+def test_prefill_rows_time_prompts_just_under_the_grid_length() -> None:
+    """'below': a row L times prompts of L-1 down to L-1-L/64 tokens, never the aligned L
+    itself (a power of two is the GEMMs' fast shape; served prompts rarely are one, and
+    the engine never prefills max_context); 'exact' times L."""
+    rng = np.random.default_rng(0)
+    for n in (1, 8, 16, 64, 256, 512):
+        drawn = {prompt_length(n, "below", rng) for _ in range(400)}
+        if n == 1:
+            assert drawn == {1}
+            continue
+        assert drawn == set(range(n - 1 - n // 64, n)), n
+        assert prompt_length(n, "exact", rng) == n
+    assert default_grid("cpu")["prefill_lengths"] == "below"
+    assert default_grid("cuda")["prefill_lengths"] == "exact"  # as the shipped h100 profiles were measured
