@@ -65,7 +65,11 @@ _CPU_GRID: dict[str, Any] = {
     # Sweeps over the whole grid, each adding runs samples per point: a host shared with
     # other work is slow in phases, and spreading a point's samples over the run averages them.
     "passes": 4,
-    "cold_runs": 2,  # decode steps timed right after a prefill, per point and pass
+    "cold_runs": 4,  # decode steps timed right after a prefill, per point and pass
+    # The prompts of those prefills, as fractions of max_context (1.0: a full-context prompt
+    # of max_context - 1 tokens), taken in turn: how much a prefill slows the decode after
+    # it depends on its size (its activations evict the caches), and served prefills vary.
+    "cold_prompts": [0.125, 0.25, 0.5, 1.0],
     "stat": "expected",  # a point's ms: "median" of its samples, or "expected" (see _point_ms)
     # The prompt lengths a row (B, L) times: "exact" (L itself) or "below" (L-1 down to
     # L-1-L/64, drawn per sample). Powers of two are the GEMMs' fast, aligned shapes (on this
@@ -87,6 +91,7 @@ _CUDA_GRID: dict[str, Any] = {
     "decode_runs": 10,
     "passes": 1,
     "cold_runs": 2,
+    "cold_prompts": [0.125, 0.25, 0.5, 1.0],
     "stat": "median",
     "prefill_lengths": "exact",  # as the shipped h100 profiles were measured
     # (cfg, cap_frac): cap_frac 0 = uncapped
@@ -472,11 +477,14 @@ def _default_notes(device_type: str) -> str:
         "seeded random weights, sampled over provenance.timing.passes sweeps of the grid; ms is the point's "
         "median ('median') or its median x the grid's mean sample/median ratio ('expected'; "
         "provenance.timing). Prefill samples run in a shuffled order, each after a decode step of a running "
-        "request, on prompts of L tokens (grid prefill_lengths 'exact') or of L-1 down to L-1-L/64 ('below': "
-        "served prompts are rarely the GEMMs' aligned powers of two); decode rows time steps in a row of B prefilled requests whose mean attended context is C "
-        "(eager decode attends over the longest context rounded up to 64, a captured graph over the full "
-        "max_context); provenance.timing.decode_after_prefill is a decode step's slow-down right after a "
-        "prefill. Rows are labelled with the attention KNOB; provenance.effective_kernels says which SDPA "
+        "request, on prompts of L tokens (grid prefill_lengths 'exact') or of L-1 down to L-1-L/64 "
+        "('below': served prompts are rarely the GEMMs' aligned powers of two); decode rows time steps in a "
+        "row of B prefilled requests whose mean attended context is C (eager decode attends over the "
+        "longest context rounded up to 64, a captured graph over the full max_context); "
+        "provenance.timing.decode_after_prefill_ms_by_prompt is the ms a decode step right after a prefill "
+        "takes beyond a step after a step, by the prefill's prompt tokens (decode_after_prefill: the ratio "
+        "after the longest prompt). Rows are "
+        "labelled with the attention KNOB; provenance.effective_kernels says which SDPA "
         "kernel really ran (e.g. masked decode under 'flash' runs 'efficient' on CUDA). peak_alloc = "
         "weights + KV of the point (B*L or B*C positions) + activations"
     )
@@ -587,12 +595,25 @@ class _Background:
             self.req = None
 
 
+def cold_prompt_lengths(fractions: Sequence[float], max_context: int) -> list[int]:
+    """The prompt lengths of the grid's cold_prompts (fractions of max_context), distinct, ascending."""
+    return sorted({max(1, min(max_context - 1, round(float(f) * max_context))) for f in fractions})
+
+
 def _decode_samples(
-    ex: TorchExecutor, dev: torch.device, b: int, c: int, warmup: int, runs: int, cold_runs: int = 0
+    ex: TorchExecutor,
+    dev: torch.device,
+    b: int,
+    c: int,
+    warmup: int,
+    runs: int,
+    cold_runs: int = 0,
+    cold_prompts: Sequence[int] | None = None,
 ) -> tuple[list[float], list[float], float | None, int]:
     """Decode iterations of `b` sequences whose mean context is `c`: ms of `runs` steps in a
-    row, ms of `cold_runs` steps each right after a prefill of a full-context prompt, the
-    capture ms of the bucket's graph (graphs on) and the transient bytes (CUDA).
+    row, ms of `cold_runs` steps each right after a prefill (of `cold_prompts[i]` tokens for
+    the i-th; a full-context prompt when not given), the capture ms of the bucket's graph
+    (graphs on) and the transient bytes (CUDA).
 
     The sequences are prefilled first (untimed), then step one token per iteration as in
     serving; the first step, untimed, captures the bucket's graph when graphs are on. A step
@@ -615,9 +636,10 @@ def _decode_samples(
         for _ in range(warmup):
             _step_ms(ex, decode)
         samples, trans = _peak(dev, lambda: [_step_ms(ex, decode) for _ in range(runs)])
-        for _ in range(cold_runs):
-            polluter = [Request(_Background.RID + 1, 0.0, ctx - 1, 1)]
-            _step_ms(ex, Batch(polluter, [], ctx - 1, 0))
+        for i in range(cold_runs):
+            n = min(ctx - 1, int(cold_prompts[i])) if cold_prompts else ctx - 1
+            polluter = [Request(_Background.RID + 1, 0.0, n, 1)]
+            _step_ms(ex, Batch(polluter, [], n, 0))
             ex.release(polluter)
             cold.append(_step_ms(ex, decode))
     finally:
@@ -650,6 +672,10 @@ class _GridRun:
         self.weights: dict[str, int] = {}
         self.rng = np.random.default_rng(0)
         self.cold_ratios: dict[bool, list[float]] = {}  # cuda_graphs -> cold step / typical step
+        # eager decode: prompt tokens of the prefill before -> cold step - typical step, ms
+        self.cold_extra: dict[int, list[float]] = {}
+        self.cold_prompts = cold_prompt_lengths(g.get("cold_prompts") or [1.0], cfg.max_context)
+        self._cold_turn = 0  # the cold prompts are taken in turn over the whole grid
 
     def run(
         self,
@@ -733,12 +759,21 @@ class _GridRun:
     def _decode(self, key: tuple, b: int, c: int, graph: bool) -> tuple[list[float], int]:
         self.ex.set_cuda_graphs(graph)
         g = self.g
+        n_cold, prompts = int(g.get("cold_runs", 0)), self.cold_prompts
+        lengths = [prompts[(self._cold_turn + i) % len(prompts)] for i in range(n_cold)]
+        self._cold_turn += n_cold
         samples, cold, capture, trans = _decode_samples(
-            self.ex, self.dev, b, c, g["decode_warmup"], g["decode_runs"], g.get("cold_runs", 0)
+            self.ex, self.dev, b, c, g["decode_warmup"], g["decode_runs"], n_cold, lengths
         )
         if cold:  # each cold step against this pass's typical step
             med = statistics.median(samples)
-            self.cold_ratios.setdefault(graph, []).extend(x / med for x in cold)
+            full = max(self.cold_prompts)
+            self.cold_ratios.setdefault(graph, []).extend(
+                x / med for n, x in zip(lengths, cold, strict=True) if n == full
+            )
+            if not graph:
+                for n, x in zip(lengths, cold, strict=True):
+                    self.cold_extra.setdefault(n, []).append(x - med)
         if graph and capture:
             self.capture.setdefault(key, []).append(float(capture))
         return samples, trans + (self.ex.graph_bytes.get(self.ex._bucket(b), 0) if graph else 0)
@@ -775,13 +810,20 @@ class _GridRun:
         kinds = ("prefill", "decode")
         by_kind = {kind: [xs for key, xs in self.samples.items() if key[0] == kind] for kind in kinds}
         tail = {kind: _tail_factor(by_kind[kind]) for kind in kinds}
-        # A step right after a prefill, relative to one after a step (eager decode only: the
-        # simulator's rows of a replayed graph are left as measured)
+        # A step right after a prefill against one after a step (eager decode only: the
+        # simulator's rows of a replayed graph are left as measured). The slow-down is about
+        # the same few tenths of a ms whatever the step's size (on this CPU: +0.25-0.4 ms after
+        # a 511-token prompt for B = 2..32, x1.5 of a small step but x1.1 of a big one) and
+        # grows with the prefill's size (~0 after 128 tokens): the simulator adds the
+        # ms_by_prompt figure; decode_after_prefill, the ratio after the longest prompt, is
+        # what older simulators multiply by.
         eager = self.cold_ratios.get(False)
+        extra = {n: float(statistics.median(xs)) for n, xs in sorted(self.cold_extra.items()) if xs}
         self.timing = {
             "stat": stat,
             "tail_factor": tail,
             "decode_after_prefill": float(statistics.median(eager)) if eager else 1.0,
+            "decode_after_prefill_ms_by_prompt": [[n, round(ms, 5)] for n, ms in extra.items()],
             "noise_quantiles": {kind: _noise_quantiles(by_kind[kind]) for kind in kinds},
         }
         pre_rows: list[dict[str, Any]] = []

@@ -126,14 +126,20 @@ class SimExecutor:
         # measures) or "mean" (the KV read, e.g. paged attention; profiles that do not say).
         self._pads_decode = self.profile.provenance.get("decode_context", "mean") == "longest"
         # An eager decode step in (or right after) an iteration with a prefill runs on caches
-        # the prefill filled: the profile's measured slow-down, 1 when it has none.
+        # the prefill filled. Profiles that measured the extra ms by the prefill's size
+        # (decode_after_prefill_ms_by_prompt: [prompt tokens, ms] rows) add it, interpolated
+        # in the prefill's padded tokens (0 ms at 0 tokens, flat beyond the largest); older
+        # ones multiply by decode_after_prefill after any prefill (1 when they have none).
         timing = self.profile.provenance.get("timing") or {}
         self._cold_decode = float(timing.get("decode_after_prefill", 1.0))
+        by_prompt = sorted((float(n), float(ms)) for n, ms in timing.get("decode_after_prefill_ms_by_prompt") or [])
+        self._cold_points = [(0.0, 0.0), *by_prompt] if by_prompt else None
+        self._cold_memo: dict[int, float] = {}
         # noise=True: multipliers of mean 1 drawn from the measured spread (equal-probability
         # quantiles), per kind of iteration; profiles without them get a 2% lognormal.
         quantiles = timing.get("noise_quantiles") or {}
         self._noise_q = {kind: [float(q) for q in quantiles.get(kind) or []] for kind in ("prefill", "decode")}
-        self._after_prefill = False
+        self._after_prefill = 0  # padded prompt tokens of the last iteration's prefill (0: none)
         self._act_memos: dict[str, dict[tuple[int, int], int]] = {}
         self._set_mode(self.knobs)
 
@@ -208,8 +214,10 @@ class SimExecutor:
         graphs = self._graphs
         ms = 0.0
         prefill = batch.prefill
+        pre_tokens = 0
         if prefill:
             n_pre, l_max = prefill_shape if prefill_shape is not None else _prefill_shape(prefill)
+            pre_tokens = n_pre * l_max
             ms = self._pre_memo.get(n_pre << 20 | l_max)
             if ms is None:
                 ms = self._pre_memo[n_pre << 20 | l_max] = self._prefill_ms(n_pre, l_max)
@@ -231,16 +239,32 @@ class SimExecutor:
                     dec = self._dec_memo[b << 20 | c] = self._decode_ms(b, c)
             else:
                 dec = self._decode_ms(b, c)
-            if self._cold_decode != 1.0 and not graphs and (prefill or self._after_prefill):
-                dec *= self._cold_decode
+            if not graphs and (prefill or self._after_prefill):
+                if self._cold_points is None:
+                    dec *= self._cold_decode
+                else:
+                    dec += self._cold_ms(pre_tokens or self._after_prefill)
             ms += dec
-        self._after_prefill = bool(prefill)
+        self._after_prefill = pre_tokens
         if self.noise:
             qs = self._noise_q["prefill" if prefill else "decode"]
             if qs:
                 ms *= qs[int(self.rng.random() * len(qs))]
             else:
                 ms *= float(self.rng.lognormal(0.0, 0.02))
+        return ms
+
+    def _cold_ms(self, tokens: int) -> float:
+        """The extra ms of a decode step after a prefill of `tokens` (padded) prompt tokens."""
+        ms = self._cold_memo.get(tokens)
+        if ms is None:
+            points = self._cold_points or [(0.0, 0.0)]
+            ms = points[-1][1]
+            for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
+                if tokens <= x1:
+                    ms = y0 + (y1 - y0) * (tokens - x0) / (x1 - x0)
+                    break
+            self._cold_memo[tokens] = ms
         return ms
 
     def _longest_held(self) -> int:

@@ -65,6 +65,9 @@ Per engine iteration, summed over the step; every part is in ``info["reward_part
 - ``rejected``: -1 per request rejected (after repeated OOMs: a lost request);
 - ``oom``: -0.5 per OOM event;
 - ``switch``: -1 per 100 ms of knob-switch cost (graph captures, precision changes).
+These are the default weights (`REWARD_WEIGHTS`); ``reward_weights`` overrides any of them
+(training/configs/ppo.yaml weighs OOMs more, as the product promises no more OOMs than
+the best static config).
 The sum over an episode is (met - arrived) minus the penalties, a per-request scale at
 which PPO's defaults behave.
 
@@ -133,6 +136,7 @@ class InferenceTuningEnv(gym.Env):
         randomize: dict[str, Any] | None = None,
         noise: bool = False,
         live_clock: str = "measured",
+        reward_weights: dict[str, float] | None = None,
         render_mode: str | None = None,
     ) -> None:
         super().__init__()
@@ -148,6 +152,12 @@ class InferenceTuningEnv(gym.Env):
             raise ValueError(f"load_scale must be a positive number, got {load_scale!r}")
         if memory_cap_gib is not None and not (math.isfinite(memory_cap_gib) and memory_cap_gib > 0):
             raise ValueError(f"memory_cap_gib must be a positive number of GiB, got {memory_cap_gib!r}")
+        unknown = set(reward_weights or {}) - set(REWARD_WEIGHTS)
+        if unknown:
+            raise ValueError(f"reward_weights: unknown parts {sorted(unknown)}; the parts are {list(REWARD_WEIGHTS)}")
+        self.reward_weights = {**REWARD_WEIGHTS, **{k: float(v) for k, v in (reward_weights or {}).items()}}
+        if not all(math.isfinite(w) and w >= 0 for w in self.reward_weights.values()):
+            raise ValueError(f"reward_weights must be finite and >= 0, got {reward_weights}")
         self.backend = backend
         self.profile_name = profile
         self.model = model
@@ -242,7 +252,8 @@ class InferenceTuningEnv(gym.Env):
             terminated = True
         self._steps += 1
         truncated = not terminated and self._steps >= self.episode_steps
-        reward = float(sum(REWARD_WEIGHTS[k] * v for k, v in parts.items()))
+        w = self.reward_weights
+        reward = float(sum(w[k] * v for k, v in parts.items()))
         obs = self.features.build(engine)
         return obs, reward, terminated, truncated, self._info(parts, repairs, iterations)
 
@@ -255,7 +266,7 @@ class InferenceTuningEnv(gym.Env):
         assert engine is not None and self.scenario is not None
         tel = engine.telemetry
         return {
-            "reward_parts": {k: REWARD_WEIGHTS[k] * v for k, v in parts.items()},
+            "reward_parts": {k: self.reward_weights[k] * v for k, v in parts.items()},
             "action_repairs": repairs,
             "counts": engine.counts(),
             "now_s": engine.now_s,

@@ -21,8 +21,13 @@ from autoopt.envs.inference_tuning import InferenceTuningEnv
 
 SIM = dict(load_scale=8.0, memory_cap_gib=2.0, episode_steps=64, window_s=60.0)
 LIVE = dict(
-    backend="live", model="tiny", device="cpu", trace="poisson:rate=20,duration=20", episode_steps=8,
-    window_s=20.0, initial_knobs={"attention": "math", "precision": "fp32"},
+    backend="live",
+    model="tiny",
+    device="cpu",
+    trace="poisson:rate=20,duration=20",
+    episode_steps=8,
+    window_s=20.0,
+    initial_knobs={"attention": "math", "precision": "fp32"},
 )
 
 
@@ -74,8 +79,12 @@ def test_same_seed_and_actions_give_the_same_trajectory():
 
 _trace_specs = st.one_of(
     st.builds(lambda r, d: f"poisson:rate={r},duration={d}", st.integers(1, 80), st.integers(5, 60)),
-    st.builds(lambda a, b, p: f"bursty:rate_on={a},rate_off={b},period={p},duration=60", st.integers(5, 80),
-              st.integers(1, 5), st.integers(2, 30)),
+    st.builds(
+        lambda a, b, p: f"bursty:rate_on={a},rate_off={b},period={p},duration=60",
+        st.integers(5, 80),
+        st.integers(1, 5),
+        st.integers(2, 30),
+    ),
     st.builds(lambda a, b: f"ramp:start={a},end={b},duration=40", st.integers(1, 20), st.integers(1, 120)),
     st.just("azure-conv"),
     st.just("mooncake-conv"),
@@ -91,8 +100,9 @@ _trace_specs = st.one_of(
     seed=st.integers(0, 2**16),
 )
 def test_invariants_under_random_actions_and_traces(trace, cap, scale, actions, seed):
-    env = InferenceTuningEnv(trace=trace, load_scale=scale, memory_cap_gib=cap, episode_steps=200,
-                             iterations_per_step=2, window_s=60.0)
+    env = InferenceTuningEnv(
+        trace=trace, load_scale=scale, memory_cap_gib=cap, episode_steps=200, iterations_per_step=2, window_s=60.0
+    )
     obs, info = env.reset(seed=seed)
     space = env.observation_space
     for a in actions:  # includes out-of-range indices: repaired and flagged, never raised
@@ -137,6 +147,8 @@ def test_masks_follow_the_device_on_the_live_cpu_backend():
         ({"load_scale": float("nan")}, ValueError, "load_scale"),
         ({"randomize": {"load_scale": [3, 1]}}, ValueError, "load_scale"),
         ({"randomize": {"wind": [1, 2]}}, ValueError, "wind"),
+        ({"reward_weights": {"speed": 1.0}}, ValueError, "speed"),
+        ({"reward_weights": {"oom": float("nan")}}, ValueError, "reward_weights"),
     ],
 )
 def test_bad_input_fails_at_construction(kwargs, error, match):
@@ -173,9 +185,34 @@ def test_reward_parts_sum_to_the_reward_and_episode_ends():
     assert trunc and not term
 
 
+def test_reward_weights_scale_their_parts_only():
+    """The same seed and actions under other weights: each part scales by its weight."""
+    kwargs = {**SIM, "memory_cap_gib": 1.0, "load_scale": 24.0, "episode_steps": 40, "iterations_per_step": 16}
+    base = InferenceTuningEnv(**kwargs)
+    heavy = InferenceTuningEnv(**kwargs, reward_weights={"oom": 5.0, "goodput": 2.0})
+    base.reset(seed=3)
+    heavy.reset(seed=3)
+    action = np.array([6, 5, 0, 0, 0, 0, 0])  # the largest batches under a tight cap: OOMs
+    totals = {
+        "base": dict.fromkeys(("goodput", "oom", "demand"), 0.0),
+        "heavy": dict.fromkeys(("goodput", "oom", "demand"), 0.0),
+    }
+    for _ in range(40):
+        for name, env in (("base", base), ("heavy", heavy)):
+            _, reward, _, _, info = env.step(action)
+            assert reward == pytest.approx(sum(info["reward_parts"].values()))
+            for k in totals[name]:
+                totals[name][k] += info["reward_parts"][k]
+    assert totals["base"]["oom"] < 0, "the scenario should OOM"
+    assert totals["heavy"]["oom"] == pytest.approx(10 * totals["base"]["oom"])  # 5.0 against the default 0.5
+    assert totals["heavy"]["goodput"] == pytest.approx(2 * totals["base"]["goodput"])
+    assert totals["heavy"]["demand"] == pytest.approx(totals["base"]["demand"])
+
+
 def test_episode_terminates_when_the_window_is_served():
-    env = InferenceTuningEnv(trace="poisson:rate=5,duration=10", window_s=10.0, episode_steps=100_000,
-                             iterations_per_step=16)
+    env = InferenceTuningEnv(
+        trace="poisson:rate=5,duration=10", window_s=10.0, episode_steps=100_000, iterations_per_step=16
+    )
     env.reset(seed=0)
     action = np.array([4, 3, 0, 1, 0, 0, 0])
     for _ in range(100_000):

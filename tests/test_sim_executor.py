@@ -51,7 +51,6 @@ def test_same_seed_gives_the_same_replay(profile, knobs):
     assert first[1] and any(step[1] > 0 for step in first[1])
 
 
-
 def test_a_replay_does_not_depend_on_what_ran_before_it_in_the_process():
     """Executors of a profile share a latency memo: a lookup must not depend on which
     input reached it first, or the same seed gives different trajectories by run order."""
@@ -67,6 +66,7 @@ def test_a_replay_does_not_depend_on_what_ran_before_it_in_the_process():
         _replay(H100, max_num_seqs=seqs, max_batched_tokens=tokens)
     after_others = _replay(H100, max_num_seqs=128, max_batched_tokens=8192)
     assert alone == after_others
+
 
 def _decode_batches(n: int = 300) -> list[Batch]:
     reqs = [Request(i, 0.0, 100 + 10 * i, 1000) for i in range(8)]
@@ -203,18 +203,52 @@ def test_the_longest_context_prices_a_padded_decode():
     assert mixed == uniform
 
 
-def test_a_decode_step_in_or_after_a_prefill_iteration_costs_the_measured_cold_factor():
+def test_a_decode_step_in_or_after_a_prefill_iteration_costs_the_measured_cold_extra():
     ex = SimExecutor(CPU)
     ex.apply_knobs(None, Knobs(attention="math", precision="fp32"))
-    factor = ex.profile.provenance["timing"]["decode_after_prefill"]
-    assert factor > 1.0  # calibrate measured it: caches are cold after a prefill
+    timing = ex.profile.provenance["timing"]
+    assert timing["decode_after_prefill"] > 1.0  # calibrate measured it: caches are cold after a prefill
+    by_prompt = dict(timing["decode_after_prefill_ms_by_prompt"])  # ms, by the prefill's size
+    assert max(by_prompt) == ex.capacity.max_context - 1 and by_prompt[max(by_prompt)] > 0
+    extra = ex._cold_ms(300)
+    lo, hi = max(n for n in by_prompt if n <= 300), min(n for n in by_prompt if n >= 300)
+    assert min(by_prompt[lo], by_prompt[hi]) <= extra <= max(by_prompt[lo], by_prompt[hi])
     running = [Request(i, 0.0, 200, 100) for i in range(4)]
     decode = Batch([], running, 0, 800)
     prefill = Batch([Request(9, 0.0, 300, 5)], [], 300, 0)
     warm = ex.iteration_ms(decode)
     assert ex.iteration_ms(decode) == warm  # a step after a step
     alone = ex.iteration_ms(prefill)
-    assert ex.iteration_ms(decode) == pytest.approx(warm * factor)  # right after the prefill
+    assert ex.iteration_ms(decode) == pytest.approx(warm + extra)  # right after the prefill
     assert ex.iteration_ms(decode) == warm
     mixed = ex.iteration_ms(Batch([Request(9, 0.0, 300, 5)], running, 300, 800))
-    assert mixed == pytest.approx(alone + warm * factor)
+    assert mixed == pytest.approx(alone + warm + extra)
+
+
+def test_the_cold_extra_follows_the_prefill_size_and_old_profiles_keep_their_factor():
+    """A small prefill leaves the caches nearly as they were, a full-context one does not:
+    calibrate measures the extra ms per prompt size. A profile without that table (older
+    ones, the h100 profiles) multiplies by its one factor after any prefill."""
+    prof = load_profile(CPU)
+    timing = prof.provenance["timing"]
+    timing["decode_after_prefill_ms_by_prompt"] = [[64, 0.0], [256, 0.1], [511, 0.3]]
+    ex = SimExecutor(prof)
+    assert [ex._cold_ms(n) for n in (0, 32, 64, 160, 256, 511, 1022)] == pytest.approx(
+        [0.0, 0.0, 0.0, 0.05, 0.1, 0.3, 0.3]
+    )
+    ex.apply_knobs(None, Knobs(attention="math", precision="fp32"))
+    running = [Request(i, 0.0, 200, 100) for i in range(4)]
+    decode = Batch([], running, 0, 800)
+    warm = ex.iteration_ms(decode)
+    pairs = Batch([Request(8, 0.0, 128, 5), Request(9, 0.0, 256, 5)], [], 384, 0)  # padded: 2 x 256 tokens
+    ex.iteration_ms(pairs)
+    assert ex.iteration_ms(decode) == pytest.approx(warm + 0.3)
+    del timing["decode_after_prefill_ms_by_prompt"]
+    timing["decode_after_prefill"] = 1.3
+    old = SimExecutor(prof)
+    old.apply_knobs(None, Knobs(attention="math", precision="fp32"))
+    warm = old.iteration_ms(decode)
+    old.iteration_ms(Batch([Request(9, 0.0, 16, 5)], [], 16, 0))
+    assert old.iteration_ms(decode) == pytest.approx(warm * 1.3)
+    h100 = SimExecutor(H100)  # loads; no per-size table there
+    assert h100._cold_points is None

@@ -75,3 +75,35 @@ def test_sim_and_live_agree_on_a_short_replay(tmp_path, one_thread):
     if faults:
         again = _attempt(bench, tmp_path, 2)
         assert not again, f"first attempt: {faults}; second attempt: {again}"
+
+
+def test_pooled_profile_takes_each_rows_median(tmp_path):
+    """Calibrations taken between the live rounds pool row by row (median ms, extreme min/max)."""
+    import json
+
+    from autoopt.calibration.profile import load_profile, profile_path
+
+    bench = _benchmark()
+    base = json.loads(profile_path("cpu-tiny").read_text())
+    paths = []
+    for i, scale in enumerate((1.0, 4.0, 2.0)):
+        prof = json.loads(json.dumps(base))
+        for kind in ("prefill", "decode"):
+            for row in prof[kind]:
+                row["ms"], row["ms_min"], row["ms_max"] = (
+                    row["ms"] * scale,
+                    row["ms_min"] * scale,
+                    row["ms_max"] * scale,
+                )
+        prof["provenance"]["timing"]["decode_after_prefill_ms_by_prompt"] = [[64, 0.1 * scale], [511, 0.3 * scale]]
+        path = tmp_path / f"p{i}.json"
+        path.write_text(json.dumps(prof))
+        paths.append(str(path))
+    pooled = load_profile(bench.pool_profiles(paths, tmp_path / "pooled.json"))
+    for kind in ("prefill", "decode"):
+        rows = getattr(pooled, kind) if hasattr(pooled, kind) else pooled.to_dict()[kind]
+        for got, want in zip(rows, base[kind], strict=True):
+            assert math.isclose(got["ms"], 2.0 * want["ms"])
+            assert math.isclose(got["ms_min"], want["ms_min"]) and math.isclose(got["ms_max"], 4.0 * want["ms_max"])
+    timing = pooled.provenance["timing"]
+    assert [[n, round(ms, 6)] for n, ms in timing["decode_after_prefill_ms_by_prompt"]] == [[64, 0.2], [511, 0.6]]
