@@ -253,20 +253,21 @@ class InferenceTuningEnv(gym.Env):
         self._steps += 1
         truncated = not terminated and self._steps >= self.episode_steps
         w = self.reward_weights
-        reward = float(sum(w[k] * v for k, v in parts.items()))
+        weighted = {k: w[k] * v for k, v in parts.items()}
+        reward = float(sum(weighted.values()))
         obs = self.features.build(engine)
-        return obs, reward, terminated, truncated, self._info(parts, repairs, iterations)
+        return obs, reward, terminated, truncated, self._info(weighted, repairs, iterations)
 
     def action_masks(self) -> np.ndarray:
         current = self.engine.knobs if self.engine is not None else None
         return action_mask(self._device_type, current).copy()
 
-    def _info(self, parts: dict[str, float], repairs: list[str], iterations: int) -> dict[str, Any]:
+    def _info(self, reward_parts: dict[str, float], repairs: list[str], iterations: int) -> dict[str, Any]:
         engine = self.engine
         assert engine is not None and self.scenario is not None
         tel = engine.telemetry
         return {
-            "reward_parts": {k: self.reward_weights[k] * v for k, v in parts.items()},
+            "reward_parts": reward_parts,
             "action_repairs": repairs,
             "counts": engine.counts(),
             "now_s": engine.now_s,
