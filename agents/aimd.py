@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..engine.features import FEATURE_NAMES
+from ..engine.knob_space import KNOB_NAMES, LIMIT_KNOBS, LIMIT_MOVES, knobs_to_action
 from ..engine.knobs import Knobs
 
 if TYPE_CHECKING:
@@ -57,3 +59,32 @@ class AIMDPolicy:
                 self.seqs = min(self.max_seqs, self.seqs + self.add_seqs)
                 self.tokens = min(self.max_tokens, self.tokens + self.add_tokens)
         return self.base.replace(max_num_seqs=self.seqs, max_batched_tokens=self.tokens)
+
+
+class AIMDTeacher:
+    """AIMD in the action space the agent learns in: the teacher that kick-starts PPO.
+
+    It reads only the observation (so the actor can represent it exactly): when the recent
+    iteration time is over the TPOT SLO, or OOMs are recent, both batch limits take the
+    small step down, otherwise the small step up; the other knobs stay at a base config
+    (best-static). Moves are applied each decision, so it climbs and backs off faster
+    than the 0.25 s AIMD baseline, and holds near the limit where a batch meets the SLO.
+    """
+
+    def __init__(self, base: Knobs, down: float = 0.95, up: float = 1.05, oom_threshold: float = 0.05) -> None:
+        self.base_action = knobs_to_action(base)
+        self.limit_heads = [KNOB_NAMES.index(name) for name in LIMIT_KNOBS]
+        self.down, self.up = LIMIT_MOVES.index(down), LIMIT_MOVES.index(up)
+        self._iteration = FEATURE_NAMES.index("iteration_vs_tpot")
+        self._ooms = FEATURE_NAMES.index("recent_ooms")
+        self.oom_threshold = oom_threshold
+
+    def act(self, obs: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+        """Teacher actions for one observation `[n_features]` or a batch `[n, n_features]`."""
+        obs = np.asarray(obs)
+        batch = np.atleast_2d(obs)
+        miss = (batch[:, self._iteration] > 0.0) | (batch[:, self._ooms] > self.oom_threshold)
+        actions = np.tile(self.base_action, (len(batch), 1))
+        for h in self.limit_heads:
+            actions[:, h] = np.where(miss, self.down, self.up)
+        return actions if obs.ndim == 2 else actions[0]

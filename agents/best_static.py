@@ -23,7 +23,7 @@ from ..engine.telemetry import SLO
 from ..envs.scenario import QUEUE_TIMEOUT_SLOS, Scenario, run_scenario
 from .base import StaticPolicy
 
-SEARCH_VERSION = 4  # bump when the engine's rules change what a config scores
+SEARCH_VERSION = 5  # bump when the engine's rules change what a config scores
 _SEARCHED = ("max_num_seqs", "max_batched_tokens", "attention", "cuda_graphs", "precision", "allocator")
 
 

@@ -29,7 +29,8 @@ class SB3Actor:
     def act(self, obs: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
         o = self.vecnorm.normalize_obs(obs) if self.vecnorm is not None else obs
         if self.maskable:
-            action, _ = self.model.predict(o, deterministic=True, action_masks=mask)
+            # the engine's masks are shared read-only arrays; torch wants its own copy
+            action, _ = self.model.predict(o, deterministic=True, action_masks=None if mask is None else np.array(mask))
         else:
             action, _ = self.model.predict(o, deterministic=True)
         return action
@@ -41,10 +42,12 @@ class LearnedPolicy:
     def __init__(
         self, actor: Policy, device_type: str, name: str = "ppo", fallback: Knobs | None = None,
         max_costly_switches_per_s: float = 1.0, decide_every: int | None = None,
+        decide_every_s: float | None = None,
     ) -> None:
         self.name = name
         # the cadence the actor was trained at: a runtime policy's manifest says it
         self.decide_every = decide_every or getattr(actor, "decide_every", 1)
+        self.decide_every_s = decide_every_s or getattr(actor, "decide_every_s", None)
         self.actor = actor
         self.device_type = device_type
         self.fallback = fallback
@@ -52,7 +55,9 @@ class LearnedPolicy:
         self.reset()
 
     def reset(self) -> None:
-        self.guard = GuardedPolicy(self.actor, self.device_type, self.fallback, self.rate, self.decide_every)
+        self.guard = GuardedPolicy(
+            self.actor, self.device_type, self.fallback, self.rate, self.decide_every, self.decide_every_s
+        )
 
     def knobs(self, obs: np.ndarray, engine: Engine) -> Knobs:
         return self.guard(engine)

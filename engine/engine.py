@@ -201,7 +201,7 @@ class Engine:
         tel.on_interval(self.now_s, arrivals, tokens, result.ms / 1e3)
         full = self.iteration % config.full_stats_every == 0
         self.memory_reading = mem = self.executor.memory(full=full)
-        tel.on_iteration(result.oom, mem.retries)
+        tel.on_iteration(result.oom, mem.retries, result.ms)
         return IterationStats(
             now_s=self.now_s,
             ms=result.ms,

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .knob_space import KNOB_TABLES
+from .knob_space import KNOB_TABLES, knob_position
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -35,6 +35,7 @@ BASE_FEATURES: tuple[tuple[str, float, float, str], ...] = (
     ("head_wait_vs_ttft", -1.0, 1.0, "age of the oldest waiting request / TTFT SLO, log2 ratio / 4"),
     ("ttft_vs_slo", -1.0, 1.0, "recent TTFT / TTFT SLO, log2 ratio / 4"),
     ("tpot_vs_slo", -1.0, 1.0, "recent TPOT / TPOT SLO, log2 ratio / 4"),
+    ("iteration_vs_tpot", -1.0, 1.0, "recent iteration time / TPOT SLO, log2 ratio / 4"),
     ("slo_attainment", 0.0, 1.0, "recent share of requests meeting both SLOs"),
     ("tokens_per_s", 0.0, 2.0, "generated tokens/s, log1p(x)/log1p(1e6)"),
     ("busy_frac", 0.0, 1.0, "share of recent wall time spent executing"),
@@ -44,10 +45,13 @@ BASE_FEATURES: tuple[tuple[str, float, float, str], ...] = (
     ("recent_retries", 0.0, 1.0, "allocator retries, moving average per iteration (capped)"),
     ("oom_backoff", 0.0, 1.0, "scheduler's batch-limit shrink after OOMs (1 = none)"),
 )
-# The knobs in force: ordinal knobs as index/(n-1), categorical ones one-hot.
+# The knobs in force: ordinal knobs as their position in the table, categorical ones one-hot.
 _ORDINAL = ("max_num_seqs", "max_batched_tokens", "cuda_graphs", "reclaim")
+_LIMIT_MEANING = "log(limit / low) / log(high / low) over the table's range (low {}, high {})"
 KNOB_FEATURES: tuple[tuple[str, float, float, str], ...] = tuple(
-    (f"knob_{name}", 0.0, 1.0, "index / (n - 1) in the knob's table")
+    (f"knob_{name}", 0.0, 1.0, _LIMIT_MEANING.format(min(values), max(values)))
+    if name in ("max_num_seqs", "max_batched_tokens")
+    else (f"knob_{name}", 0.0, 1.0, "0/1")
     if name in _ORDINAL
     else (f"knob_{name}={v}", 0.0, 1.0, "one-hot")
     for name, values in KNOB_TABLES
@@ -82,21 +86,20 @@ class ObservationBuilder:
 
     def __init__(self) -> None:
         self.dim = len(FEATURES)
-        self._knob_index = {name: {v: i for i, v in enumerate(values)} for name, values in KNOB_TABLES}
         self._knobs: object = None
         self._knob_values: list[float] = []
-        self._knob_cache: dict[object, list[float]] = {}  # at most one entry per knob setting
+        self._knob_cache: dict[object, list[float]] = {}  # one entry per knob setting seen, bounded
         self.nonfinite = 0  # readings replaced because they were NaN or infinite
 
     def _knob_features(self, knobs: object) -> list[float]:
         out: list[float] = []
         for name, values in KNOB_TABLES:
-            idx = self._knob_index[name].get(getattr(knobs, name), 0)
+            pos = knob_position(name, getattr(knobs, name))
             if name in _ORDINAL:
-                out.append(idx / (len(values) - 1))
+                out.append(pos / (len(values) - 1))
             else:
                 one_hot = [0.0] * len(values)
-                one_hot[idx] = 1.0
+                one_hot[int(pos)] = 1.0
                 out += one_hot
         return out
 
@@ -114,6 +117,7 @@ class ObservationBuilder:
             _log_ratio(head_wait, slo.ttft_s),
             _log_ratio(tel.ttft_avg_s, slo.ttft_s),
             _log_ratio(tel.tpot_avg_s, slo.tpot_s),
+            _log_ratio(tel.iteration_avg_s, slo.tpot_s),
             tel.slo_avg,
             math.log1p(max(0.0, tel.tokens_per_s)) / _LOG_TPS,
             tel.busy_frac,
@@ -136,6 +140,8 @@ class ObservationBuilder:
         if knobs is not self._knobs:
             values = self._knob_cache.get(knobs)
             if values is None:
+                if len(self._knob_cache) >= 4096:  # the limits move freely: keep the cache bounded
+                    self._knob_cache.clear()
                 values = self._knob_cache[knobs] = self._knob_features(knobs)
             self._knobs, self._knob_values = knobs, values
         return np.array(base + self._knob_values, dtype=np.float32)

@@ -1,8 +1,15 @@
-"""The knobs as a discrete action space: value tables, masks, and safe decoding.
+"""The knobs as a discrete action space: value tables, moves, masks, and safe decoding.
 
-One table per knob; an action picks an index in each. The environment, the baselines and
-the runtime policy's guard all decode actions here, so what the agent trained on is what
-the engine runs. numpy only: the runtime imports this without torch or gymnasium.
+One head per knob; an action picks an index in each. The categorical knobs (kernel,
+precision, graphs, allocator, reclaim) pick a value from their table. The two batch
+limits pick a *move* instead: a factor applied to the limit in force (`LIMIT_MOVES`,
+within `LIMIT_BOUNDS`). A table of absolute limits lets a policy land only on its
+entries, and the best limit sits between them more often than on them (AIMD, which
+moves the limits freely, beat every table config); moves reach any limit and make a
+change of mind gradual. `KNOB_TABLES` keeps the grid of absolute values that the static
+search and the oracle try. The environment, the baselines and the runtime policy's guard
+all decode actions here, so what the agent trained on is what the engine runs. numpy
+only: the runtime imports this without torch or gymnasium.
 
 Masks are per head (sb3-contrib's MaskablePPO masks each MultiDiscrete head on its own):
 values the device cannot run are always masked, and the kernel/precision rule (flash and
@@ -14,6 +21,7 @@ nearest valid knobs and flagged, never raised mid-episode.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,7 +39,15 @@ KNOB_TABLES: tuple[tuple[str, tuple[Any, ...]], ...] = (
     ("reclaim", (False, True)),
 )
 KNOB_NAMES: tuple[str, ...] = tuple(name for name, _ in KNOB_TABLES)
-ACTION_DIMS: tuple[int, ...] = tuple(len(values) for _, values in KNOB_TABLES)
+# The batch limits are moved, not picked: each decision scales the limit in force.
+LIMIT_KNOBS: tuple[str, ...] = ("max_num_seqs", "max_batched_tokens")
+LIMIT_MOVES: tuple[float, ...] = (0.5, 0.8, 0.95, 1.0, 1.05, 1.25, 2.0)
+HOLD = LIMIT_MOVES.index(1.0)
+LIMIT_BOUNDS: dict[str, tuple[int, int]] = {name: (min(v), max(v)) for name, v in KNOB_TABLES if name in LIMIT_KNOBS}
+ACTION_TABLES: tuple[tuple[str, tuple[Any, ...]], ...] = tuple(
+    (name, LIMIT_MOVES if name in LIMIT_KNOBS else values) for name, values in KNOB_TABLES
+)
+ACTION_DIMS: tuple[int, ...] = tuple(len(values) for _, values in ACTION_TABLES)
 _OFFSETS = np.concatenate([[0], np.cumsum(ACTION_DIMS)]).astype(int)
 
 # Fallback kernel when the chosen one cannot run at the chosen precision / on the device.
@@ -45,8 +61,42 @@ def head_slices() -> list[slice]:
 
 
 def action_tables() -> list[dict[str, Any]]:
-    """The tables in the JSON form a policy manifest stores."""
-    return [{"name": name, "values": list(values)} for name, values in KNOB_TABLES]
+    """The heads in the JSON form a policy manifest stores (moves carry their bounds)."""
+    return [
+        {"name": name, "values": list(values), "moves": list(LIMIT_BOUNDS[name])}
+        if name in LIMIT_KNOBS
+        else {"name": name, "values": list(values)}
+        for name, values in ACTION_TABLES
+    ]
+
+
+def move_limit(name: str, value: int, factor: float) -> int:
+    """The limit after one move: scaled, by at least one unit, kept within its bounds.
+
+    Holding keeps a limit as it is, even outside the bounds (a user's own setting); any
+    other move lands inside them.
+    """
+    if factor == 1.0:
+        return value
+    lo, hi = LIMIT_BOUNDS[name]
+    new = int(round(value * factor))
+    if new == value:
+        new += 1 if factor > 1.0 else -1
+    return min(hi, max(lo, new))
+
+
+def knob_position(name: str, value: Any) -> float:
+    """Where a value sits in its knob's table, as a (fractional) index.
+
+    Batch limits move freely, so theirs is interpolated on a log scale between the table's
+    entries (and clipped to its ends); other knobs give their exact index (0 if absent).
+    """
+    values = dict(KNOB_TABLES)[name]
+    if name in LIMIT_KNOBS:
+        lo, hi = LIMIT_BOUNDS[name]
+        frac = math.log(min(hi, max(lo, value)) / lo) / math.log(hi / lo)
+        return frac * (len(values) - 1)
+    return float(values.index(value)) if value in values else 0.0
 
 
 def value_allowed(name: str, value: Any, device_type: str) -> bool:
@@ -76,7 +126,7 @@ def action_mask(device_type: str, current: Knobs | None = None) -> np.ndarray:
 @functools.lru_cache(maxsize=64)
 def _mask(device_type: str, half_precision: bool | None, half_only_kernel: bool | None) -> np.ndarray:
     mask = np.ones(int(_OFFSETS[-1]), dtype=bool)
-    for h, (name, values) in enumerate(KNOB_TABLES):
+    for h, (name, values) in enumerate(ACTION_TABLES):
         for i, v in enumerate(values):
             ok = value_allowed(name, v, device_type)
             if ok and half_precision is not None:
@@ -89,47 +139,62 @@ def _mask(device_type: str, half_precision: bool | None, half_only_kernel: bool 
     return mask
 
 
-def knobs_to_action(knobs: Knobs) -> np.ndarray:
-    """The indices of `knobs` in the tables (nearest entry for integer limits)."""
-    out = np.empty(len(KNOB_TABLES), dtype=np.int64)
-    for h, (name, values) in enumerate(KNOB_TABLES):
+def knobs_to_action(knobs: Knobs, current: Knobs | None = None) -> np.ndarray:
+    """The action that takes `current` to `knobs`: the nearest move (on a log scale) for
+    the batch limits (hold when `current` is None), the table index for the rest."""
+    out = np.empty(len(ACTION_TABLES), dtype=np.int64)
+    for h, (name, values) in enumerate(ACTION_TABLES):
         v = getattr(knobs, name)
-        if isinstance(values[0], int) and not isinstance(values[0], bool):
-            out[h] = int(np.argmin([abs(np.log2(x) - np.log2(v)) for x in values]))
+        if name in LIMIT_KNOBS:
+            ratio = 1.0 if current is None else v / getattr(current, name)
+            out[h] = int(np.argmin([abs(math.log(f) - math.log(ratio)) for f in values]))
         else:
             out[h] = values.index(v)
     return out
 
 
-def decode_action(action: Sequence[int] | np.ndarray, device_type: str) -> tuple[Knobs, list[str]]:
-    """Knobs for an action, repaired to the nearest valid config; returns the repairs made."""
+def decode_action(
+    action: Sequence[int] | np.ndarray, device_type: str, current: Knobs | None = None
+) -> tuple[Knobs, list[str]]:
+    """Knobs for an action taken from `current` (default: the engine's defaults), repaired
+    to the nearest valid config; returns the repairs made. A malformed action gives the
+    defaults."""
     if isinstance(action, np.ndarray) and action.dtype.kind in "iu" and action.shape == (len(KNOB_TABLES),):
-        knobs, flags = _decode_cached(tuple(action.tolist()), device_type)
+        knobs, moves, flags = _decode_cached(tuple(action.tolist()), device_type)
+    else:
+        knobs, moves, flags = _decode(action, device_type)
+    if moves is None:
         return knobs, list(flags)
-    return _decode(action, device_type)
+    base = current or Knobs()
+    limits = {name: move_limit(name, getattr(base, name), f) for name, f in zip(LIMIT_KNOBS, moves, strict=True)}
+    return knobs.replace(**limits), list(flags)
 
 
 @functools.lru_cache(maxsize=4096)
-def _decode_cached(action: tuple[int, ...], device_type: str) -> tuple[Knobs, tuple[str, ...]]:
-    knobs, flags = _decode(action, device_type)
-    return knobs, tuple(flags)
+def _decode_cached(action: tuple[int, ...], device_type: str) -> tuple[Knobs, tuple[float, ...] | None, tuple[str, ...]]:
+    return _decode(action, device_type)
 
 
-def _decode(action: Sequence[int] | np.ndarray, device_type: str) -> tuple[Knobs, list[str]]:
+def _decode(action: Sequence[int] | np.ndarray, device_type: str) -> tuple[Knobs, tuple[float, ...] | None, tuple[str, ...]]:
+    """The categorical knobs (limits left at their defaults), the limit moves, the repairs."""
     flags: list[str] = []
     try:
         idx = np.asarray(action, dtype=np.float64).reshape(-1)
     except (TypeError, ValueError):
         idx = np.zeros(0)
     if idx.shape != (len(KNOB_TABLES),) or not np.all(np.isfinite(idx)):
-        return Knobs(), [f"malformed action {action!r}: defaults used"]
+        return Knobs(), None, (f"malformed action {action!r}: defaults used",)
     values: dict[str, Any] = {}
-    for h, (name, table) in enumerate(KNOB_TABLES):
+    moves: list[float] = []
+    for h, (name, table) in enumerate(ACTION_TABLES):
         i = int(idx[h])
         if i != idx[h] or not 0 <= i < len(table):
             i = int(np.clip(round(idx[h]), 0, len(table) - 1))
             flags.append(f"{name}: index {idx[h]:g} out of range, used {i}")
         v = table[i]
+        if name in LIMIT_KNOBS:
+            moves.append(v)
+            continue
         if not value_allowed(name, v, device_type):
             fallback = _device_fallback(name, device_type)
             flags.append(f"{name}: {v!r} cannot run on {device_type}, used {fallback!r}")
@@ -139,7 +204,7 @@ def _decode(action: Sequence[int] | np.ndarray, device_type: str) -> tuple[Knobs
         kernel = _FP32_KERNEL.get(device_type, "math")
         flags.append(f"attention: {values['attention']!r} needs bf16/fp16, used {kernel!r} at {values['precision']}")
         values["attention"] = kernel
-    return Knobs(**values), flags
+    return Knobs(**values), tuple(moves), tuple(flags)
 
 
 def _device_fallback(name: str, device_type: str) -> Any:

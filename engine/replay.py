@@ -82,6 +82,7 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
         controller = GuardedPolicy(
             policy, device_type=executor.device_type, fallback=knobs,
             max_costly_switches_per_s=args.max_switches_per_s, decide_every=policy.decide_every,
+            decide_every_s=policy.decide_every_s,
         )
     engine = Engine(
         executor,

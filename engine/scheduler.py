@@ -45,6 +45,7 @@ class Scheduler:
         self.running_context_tokens = 0
         self.reserved_kv_tokens = 0  # prompt + output of every running request
         self.oom_backoff = 1.0
+        self._tokens_in_force = 0  # the token budget of the last batch scheduled
         self._finish_heap: list[tuple[int, int, Request]] = []
 
     # -- arrivals ---------------------------------------------------------------------
@@ -104,6 +105,7 @@ class Scheduler:
 
     def schedule(self, knobs: Knobs) -> Batch:
         max_seqs, max_tokens = self.limits(knobs)
+        self._tokens_in_force = max_tokens
         n = len(self.running)
         tokens = n
         prefill: list[Request] = []
@@ -179,7 +181,14 @@ class Scheduler:
         return done
 
     def _on_oom(self, batch: Batch) -> list[Request]:
-        self.oom_backoff = max(self.oom_backoff * 0.5, 1.0 / max(1, self.capacity.max_slots))
+        # Halve the token budget below what the failed batch used, not merely below the
+        # limit: a batch that used a fifth of a large budget would fit under half of it
+        # again, and its retry would run out of memory the same way.
+        shrink = 0.5
+        if batch.prefill:
+            used = batch.prefill_tokens + len(batch.decode)
+            shrink *= min(1.0, used / max(1, self._tokens_in_force or used))
+        self.oom_backoff = max(self.oom_backoff * shrink, 1.0 / max(1, self.capacity.max_slots))
         if batch.prefill:
             victims = list(batch.prefill)
         else:

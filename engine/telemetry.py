@@ -63,6 +63,7 @@ class Telemetry:
     rate_long: float = 0.0
     ttft_avg_s: float = 0.0
     tpot_avg_s: float = 0.0
+    iteration_avg_s: float = 0.0
     slo_avg: float = 1.0
     tokens_per_s: float = 0.0
     busy_frac: float = 0.0
@@ -94,8 +95,11 @@ class Telemetry:
         self.tokens_per_s += a_s * (tokens / dt - self.tokens_per_s)
         self.busy_frac += a_s * (min(1.0, busy_s / dt) - self.busy_frac)
 
-    def on_iteration(self, oom: bool, retries_total: int) -> None:
-        """Per-iteration moving averages of OOMs and allocator retries."""
+    def on_iteration(self, oom: bool, retries_total: int, ms: float = 0.0) -> None:
+        """Per-iteration moving averages of OOMs, allocator retries and iteration time (the
+        batch latency every running request sees now, where TPOT reports it only as requests
+        finish)."""
+        self.iteration_avg_s += EVENT_ALPHA * (ms / 1e3 - self.iteration_avg_s)
         new_retries = max(0, retries_total - self._last_retries)
         self._last_retries = retries_total
         self.oom_recent += EVENT_ALPHA * (float(oom) - self.oom_recent)

@@ -2,12 +2,19 @@
 
 The environment wraps the engine of `autoopt.engine` (``backend="live"``: the real torch
 model; ``backend="sim"``: the same scheduler over an executor calibrated from a profile)
-replaying a request trace. Each step applies one knob setting and runs
-`iterations_per_step` engine iterations under it (1 = every engine iteration, as the
-embedded runtime policy runs).
+replaying a request trace. Each step applies one knob setting and runs engine iterations
+under it: `iterations_per_step` of them (1 = every engine iteration), or, with `step_s`,
+as many as it takes for the engine's clock to move `step_s` seconds. The embedded
+runtime policy decides at the same cadence.
+
+Why `step_s`: PPO discounts per step. With a fixed number of iterations per step, a
+policy that makes iterations short (a tiny batch) makes each step cover less time, so the
+arrivals it cannot serve fall further into the discounted future: under overload PPO
+learned to shrink the batch to its floor and let the queue grow. With steps of equal
+time, the discount is a discount in time, and stalling buys nothing.
 
 ## Observation space
-`Box(low, high, (32,), float32)`, built by `autoopt.engine.features.ObservationBuilder`
+`Box(low, high, (33,), float32)`, built by `autoopt.engine.features.ObservationBuilder`
 (the same builder the engine's embedded policy uses). Non-finite telemetry is replaced by
 the feature's neutral value and counted in ``info["nonfinite_obs"]``.
 
@@ -21,34 +28,38 @@ the feature's neutral value and counted in ``info["nonfinite_obs"]``.
 | 5 | head_wait_vs_ttft | age of the oldest waiting request / TTFT SLO, log2 ratio / 4 | [-1, 1] |
 | 6 | ttft_vs_slo | recent TTFT / TTFT SLO, log2 ratio / 4 | [-1, 1] |
 | 7 | tpot_vs_slo | recent TPOT / TPOT SLO, log2 ratio / 4 | [-1, 1] |
-| 8 | slo_attainment | recent share of requests meeting both SLOs | [0, 1] |
-| 9 | tokens_per_s | generated tokens/s, log1p(x)/log1p(1e6) | [0, 2] |
-| 10 | busy_frac | share of recent time spent executing | [0, 1] |
-| 11 | memory_headroom | free / capacity of device memory | [0, 1] |
-| 12 | fragmentation | inactive split bytes / capacity | [0, 1] |
-| 13 | recent_ooms | OOM events, moving average per iteration | [0, 1] |
-| 14 | recent_retries | allocator retries, moving average per iteration | [0, 1] |
-| 15 | oom_backoff | the scheduler's post-OOM shrink of the batch limits (1 = none) | [0, 1] |
-| 16-17 | knob_max_num_seqs, knob_max_batched_tokens | index / (n-1) in the table | [0, 1] |
-| 18-21 | knob_attention=flash/efficient/math/cudnn | one-hot | [0, 1] |
-| 22 | knob_cuda_graphs | 0/1 | [0, 1] |
-| 23-26 | knob_precision=bf16/fp16/fp32_tf32/fp32 | one-hot | [0, 1] |
-| 27-30 | knob_allocator=default/expandable/split128/gc08_split128 | one-hot | [0, 1] |
-| 31 | knob_reclaim | 0/1 (reclaim is one-shot, so 0 after it acts) | [0, 1] |
+| 8 | iteration_vs_tpot | recent iteration time / TPOT SLO, log2 ratio / 4 | [-1, 1] |
+| 9 | slo_attainment | recent share of requests meeting both SLOs | [0, 1] |
+| 10 | tokens_per_s | generated tokens/s, log1p(x)/log1p(1e6) | [0, 2] |
+| 11 | busy_frac | share of recent time spent executing | [0, 1] |
+| 12 | memory_headroom | free / capacity of device memory | [0, 1] |
+| 13 | fragmentation | inactive split bytes / capacity | [0, 1] |
+| 14 | recent_ooms | OOM events, moving average per iteration | [0, 1] |
+| 15 | recent_retries | allocator retries, moving average per iteration | [0, 1] |
+| 16 | oom_backoff | the scheduler's post-OOM shrink of the batch limits (1 = none) | [0, 1] |
+| 17-18 | knob_max_num_seqs, knob_max_batched_tokens | log(limit/low) / log(high/low), range 4-256 and 1024-32768 | [0, 1] |
+| 19-22 | knob_attention=flash/efficient/math/cudnn | one-hot | [0, 1] |
+| 23 | knob_cuda_graphs | 0/1 | [0, 1] |
+| 24-27 | knob_precision=bf16/fp16/fp32_tf32/fp32 | one-hot | [0, 1] |
+| 28-31 | knob_allocator=default/expandable/split128/gc08_split128 | one-hot | [0, 1] |
+| 32 | knob_reclaim | 0/1 (reclaim is one-shot, so 0 after it acts) | [0, 1] |
 
 ## Action space
-`MultiDiscrete([7, 6, 4, 2, 4, 4, 2])` over the tables of `autoopt.engine.knob_space`:
+`MultiDiscrete([7, 7, 4, 2, 4, 4, 2])` over the heads of `autoopt.engine.knob_space`:
 
-| head | knob | values |
-|------|------|--------|
-| 0 | max_num_seqs | 4, 8, 16, 32, 64, 128, 256 |
-| 1 | max_batched_tokens | 1024, 2048, 4096, 8192, 16384, 32768 |
+| head | knob | entries |
+|------|------|---------|
+| 0 | max_num_seqs | a move of the limit in force: x0.5, x0.8, x0.95, hold, x1.05, x1.25, x2 (within 4-256) |
+| 1 | max_batched_tokens | the same moves (within 1024-32768) |
 | 2 | attention | flash, efficient, math, cudnn |
 | 3 | cuda_graphs | off, on (decode step replayed from a captured graph) |
 | 4 | precision | bf16, fp16, fp32_tf32, fp32 |
 | 5 | allocator | default, expandable, split128, gc08_split128 |
 | 6 | reclaim | no, yes (`torch.cuda.empty_cache()` before the next iteration) |
 
+The batch limits move rather than jump: a table of absolute limits reaches only its
+entries, and the best limit under load usually sits between them; a move changes the
+limit by at least one unit and lands within the bounds (hold keeps it as it is).
 `action_masks()` returns the flat per-head mask MaskablePPO expects: values the device
 cannot run (CUDA graphs, efficient/cuDNN kernels, TF32, allocator settings on a CPU) and
 the kernel/precision rule against the knobs in force (flash and cuDNN need bf16/fp16).
@@ -89,8 +100,10 @@ clock from the profile, for reproducible live episodes.
 ## Randomisation
 At each reset the env's seeded generator draws the trace (`randomize["traces"]`), the
 load scale (`randomize["load_scale"]`: [low, high]), the memory cap in GiB
-(`randomize["memory_cap_gib"]`), the profile (`randomize["profiles"]`, sim only) and a
-window start inside the trace. The same seed and actions give the same trajectory (sim).
+(`randomize["memory_cap_gib"]`), the profile (`randomize["profiles"]`, sim only), a
+window start inside the trace and, with `randomize["initial_limits"]: true`, the batch
+limits the episode starts from (log-uniform within their bounds), so that a policy
+learns to reach a good limit from anywhere, as it must from a user's own setting. The same seed and actions give the same trajectory (sim).
 """
 
 from __future__ import annotations
@@ -104,13 +117,16 @@ from gymnasium import spaces
 
 from ..engine.engine import Engine
 from ..engine.features import FEATURE_NAMES, HIGH, LOW, ObservationBuilder
-from ..engine.knob_space import ACTION_DIMS, action_mask, decode_action, knobs_to_action
+from ..engine.knob_space import ACTION_DIMS, LIMIT_BOUNDS, action_mask, decode_action, knobs_to_action
 from ..engine.knobs import Knobs
 from ..engine.telemetry import SLO
 from ..engine.traces import TraceError
 from .scenario import Scenario, build_executor, cached_trace, engine_config, scenario_trace
 
 BACKENDS = ("sim", "live")
+# A step of `step_s` seconds ends after this many iterations even if the clock has not
+# moved that far (it always has, unless iterations take no time at all).
+MAX_ITERATIONS_PER_STEP = 100_000
 REWARD_WEIGHTS = {"goodput": 1.0, "demand": 1.0, "slo_miss": 0.5, "rejected": 1.0, "oom": 0.5, "switch": 0.01}
 
 
@@ -130,6 +146,7 @@ class InferenceTuningEnv(gym.Env):
         memory_cap_gib: float | None = None,
         episode_steps: int = 1024,
         iterations_per_step: int = 1,
+        step_s: float | None = None,
         window_s: float = 600.0,
         max_slots: int = 256,
         initial_knobs: dict[str, Any] | None = None,
@@ -148,6 +165,8 @@ class InferenceTuningEnv(gym.Env):
         self.live_clock = live_clock
         if episode_steps < 1 or iterations_per_step < 1:
             raise ValueError("episode_steps and iterations_per_step must be >= 1")
+        if step_s is not None and not (math.isfinite(step_s) and step_s > 0):
+            raise ValueError(f"step_s must be a positive number of seconds or None, got {step_s!r}")
         if not (math.isfinite(load_scale) and load_scale > 0):
             raise ValueError(f"load_scale must be a positive number, got {load_scale!r}")
         if memory_cap_gib is not None and not (math.isfinite(memory_cap_gib) and memory_cap_gib > 0):
@@ -165,6 +184,7 @@ class InferenceTuningEnv(gym.Env):
         self.slo = SLO(ttft_s=slo_ttft_ms / 1e3, tpot_s=slo_tpot_ms / 1e3)
         self.episode_steps = episode_steps
         self.iterations_per_step = iterations_per_step
+        self.step_s = step_s
         self.window_s = window_s
         self.max_slots = max_slots
         self.noise = noise
@@ -211,7 +231,13 @@ class InferenceTuningEnv(gym.Env):
             live_clock=self.live_clock,
         )
         self._device_type = executor.device_type
-        knobs, _ = decode_action(knobs_to_action(self.initial_knobs), self._device_type)
+        initial = self.initial_knobs
+        if self.randomize.get("initial_limits"):
+            initial = initial.replace(**{
+                name: int(round(math.exp(self.np_random.uniform(math.log(lo), math.log(hi)))))
+                for name, (lo, hi) in LIMIT_BOUNDS.items()
+            })
+        knobs, _ = decode_action(knobs_to_action(initial), self._device_type, current=initial)
         requests = scenario_trace(scenario, executor.capacity.max_context).to_requests()
         return Engine(executor, requests, knobs, engine_config(self.slo))
 
@@ -230,13 +256,16 @@ class InferenceTuningEnv(gym.Env):
         if self.engine is None:
             raise RuntimeError("call reset() before step()")
         engine = self.engine
-        knobs, repairs = decode_action(action, self._device_type)
+        knobs, repairs = decode_action(action, self._device_type, current=engine.knobs)
         if knobs != engine.knobs:
             engine.set_knobs(knobs)
         parts = dict.fromkeys(REWARD_WEIGHTS, 0.0)
         terminated = False
         iterations = 0
-        for _ in range(self.iterations_per_step):
+        start_s = engine.now_s
+        for _ in range(self.iterations_per_step if self.step_s is None else MAX_ITERATIONS_PER_STEP):
+            if self.step_s is not None and iterations and engine.now_s - start_s >= self.step_s:
+                break
             stats = engine.step()
             if stats is None:
                 terminated = True
@@ -284,7 +313,7 @@ class InferenceTuningEnv(gym.Env):
 
 
 def _check_randomize(r: dict[str, Any]) -> dict[str, Any]:
-    known = {"traces", "load_scale", "memory_cap_gib", "profiles"}
+    known = {"traces", "load_scale", "memory_cap_gib", "profiles", "initial_limits"}
     unknown = set(r) - known
     if unknown:
         raise ValueError(f"unknown randomize key(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -296,7 +325,9 @@ def _check_randomize(r: dict[str, Any]) -> dict[str, Any]:
     for key in ("traces", "profiles"):
         if key in r and (not isinstance(r[key], (list, tuple)) or not r[key]):
             raise ValueError(f"randomize[{key!r}] must be a non-empty list")
-    return {k: list(v) for k, v in r.items()}
+    if not isinstance(r.get("initial_limits", False), bool):
+        raise ValueError(f"randomize['initial_limits'] must be true or false, got {r['initial_limits']!r}")
+    return {k: v if isinstance(v, bool) else list(v) for k, v in r.items()}
 
 
 __all__ = ["InferenceTuningEnv", "Scenario", "TraceError", "REWARD_WEIGHTS"]

@@ -191,7 +191,11 @@ def export_policy(
         raise ExportError(f"obs_features has {len(obs_features)} names, the model observes {obs_dim} features")
     if action_tables is None:
         action_tables = [{"name": f"action_{i}", "values": list(range(s, s + n))} for i, (n, s) in enumerate(heads)]
-    action_tables = [{"name": str(t["name"]), "values": list(t["values"])} for t in action_tables]
+    # "moves": [low, high] marks a head whose values scale the knob in force (the batch limits)
+    action_tables = [
+        {"name": str(t["name"]), "values": list(t["values"]), **({"moves": list(t["moves"])} if "moves" in t else {})}
+        for t in action_tables
+    ]
     sizes = [len(t["values"]) for t in action_tables]
     if sizes != [n for n, _ in heads]:
         raise ExportError(f"action tables have sizes {sizes}, the model's action heads {[n for n, _ in heads]}")

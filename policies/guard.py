@@ -1,14 +1,18 @@
 """The guard between a runtime policy and the engine: a bad policy never loses a request.
 
-Every iteration the guard builds the observation (the environment's own builder), asks
+A policy file whose observation or action layout differs from the engine's is refused
+when the guard is built, with the differences listed. Every iteration the guard builds
+the observation (the environment's own builder), asks
 the policy, and checks the answer before it reaches the engine:
 - the policy raised, returned NaN, the wrong shape or an index out of range, or the
   observation was not finite -> the last good knobs (or the fallback config) are kept;
 - an action the masks forbid (a kernel the device lacks, flash in fp32) -> the same;
 - a costly switch (precision, CUDA graphs, attention kernel: they recast weights or
   recapture graphs) is held back to at most `max_costly_switches_per_s`.
-With `decide_every` = n > 1 the policy is asked every n-th iteration and its knobs hold in
-between: the cadence it was trained at (the environment's `iterations_per_step`).
+With `decide_every` = n > 1 the policy is asked every n-th iteration, with `decide_every_s`
+= t at the first iteration t seconds (engine clock) after its last decision, and its knobs
+hold in between: the cadence it was trained at (the environment's `iterations_per_step`
+or `step_s`).
 Each fallback is counted with its reason; the scheduler's own accounting is untouched,
 so a failing policy can at worst leave the engine on a safe static config.
 """
@@ -21,8 +25,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from ..engine.features import ObservationBuilder
-from ..engine.knob_space import ACTION_DIMS, action_mask, decode_action
+from ..engine.features import FEATURE_NAMES, ObservationBuilder
+from ..engine.knob_space import ACTION_DIMS, action_mask, action_tables, decode_action
 from ..engine.knobs import Knobs
 
 if TYPE_CHECKING:
@@ -45,11 +49,19 @@ class GuardedPolicy:
         fallback: Knobs | None = None,
         max_costly_switches_per_s: float = 1.0,
         decide_every: int = 1,
+        decide_every_s: float | None = None,
     ) -> None:
         if not isinstance(decide_every, int) or decide_every < 1:
             raise ValueError(f"decide_every must be an integer >= 1, got {decide_every!r}")
+        if decide_every_s is not None and not (math.isfinite(decide_every_s) and decide_every_s > 0):
+            raise ValueError(f"decide_every_s must be a positive number of seconds or None, got {decide_every_s!r}")
         if not (max_costly_switches_per_s >= 0 and math.isfinite(max_costly_switches_per_s)):
             raise ValueError("max_costly_switches_per_s must be a finite number >= 0")
+        # A policy file that declares its layout must match the engine's, or be refused now:
+        # valid indices from another layout would silently mean other knobs.
+        if hasattr(policy, "check_features") and hasattr(policy, "check_actions"):
+            policy.check_features(FEATURE_NAMES)
+            policy.check_actions(action_tables())
         self.policy = policy
         self.device_type = device_type
         self.fallback = fallback or Knobs()
@@ -62,7 +74,9 @@ class GuardedPolicy:
         self._last_costly_s = -math.inf
         self._dims = np.array(ACTION_DIMS)
         self.decide_every = decide_every
+        self.decide_every_s = decide_every_s
         self._until_decision = 0
+        self._next_decision_s = -math.inf
 
     def _fall_back(self, engine: Engine, reason: str) -> Knobs:
         self.fallbacks += 1
@@ -71,10 +85,18 @@ class GuardedPolicy:
         return self.last_good or self.fallback
 
     def __call__(self, engine: Engine) -> Knobs:
-        if self._until_decision > 0 and self.last_good is not None:
-            self._until_decision -= 1
-            return self.last_good.replace(reclaim=False) if self.last_good.reclaim else self.last_good
+        if self.last_good is not None:
+            if self.decide_every_s is not None:
+                hold = engine.now_s < self._next_decision_s
+            else:
+                hold = self._until_decision > 0
+                if hold:
+                    self._until_decision -= 1
+            if hold:
+                return self.last_good.replace(reclaim=False) if self.last_good.reclaim else self.last_good
         self._until_decision = self.decide_every - 1
+        if self.decide_every_s is not None:
+            self._next_decision_s = engine.now_s + self.decide_every_s
         nonfinite = self.builder.nonfinite
         obs = self.builder.build(engine)
         if self.builder.nonfinite != nonfinite:
@@ -92,7 +114,7 @@ class GuardedPolicy:
         offsets = np.concatenate([[0], np.cumsum(self._dims)[:-1]])
         if not mask[(offsets + action.astype(np.int64))].all():
             return self._fall_back(engine, "action forbidden by the masks")
-        knobs, repairs = decode_action(action.astype(np.int64), self.device_type)
+        knobs, repairs = decode_action(action.astype(np.int64), self.device_type, current=engine.knobs)
         if repairs:
             return self._fall_back(engine, "action invalid for the device")
         knobs = self._rate_limit(engine, knobs)

@@ -149,6 +149,22 @@ class RuntimePolicy:
             parts.append(f"policy has {len(self._features)} features, engine has {len(expected)}")
         raise PolicyFileError(f"{where}: observation layout differs from the engine's: " + "; ".join(parts))
 
+    def check_actions(self, expected: Sequence[dict[str, Any]], where: str | None = None) -> None:
+        """Refuse unless the policy's action heads mean what the engine's do (names, values,
+        and which heads are moves): a policy from another action layout would pick valid
+        indices that mean something else."""
+        have = [dict(t) for t in self._manifest["action_tables"]]
+        want = [dict(t) for t in expected]
+        if have == want:
+            return
+        where = where or self._source
+        if len(have) != len(want):
+            raise PolicyFileError(
+                f"{where}: action layout differs from the engine's: policy has {len(have)} heads, engine has {len(want)}"
+            )
+        diffs = [f"head {i} ({w['name']!r}): policy {h}, engine {w}" for i, (h, w) in enumerate(zip(have, want, strict=True)) if h != w]
+        raise PolicyFileError(f"{where}: action layout differs from the engine's: " + "; ".join(diffs))
+
     # ---------------------------------------------------------------- properties
 
     @property
@@ -161,6 +177,13 @@ class RuntimePolicy:
         `iterations_per_step`; 1 when the manifest does not say)."""
         n = self._manifest.get("env_kwargs", {}).get("iterations_per_step", 1)
         return n if isinstance(n, int) and n >= 1 else 1
+
+    @property
+    def decide_every_s(self) -> float | None:
+        """Engine-clock seconds per decision the policy was trained at (its env's `step_s`;
+        None when it was trained on a count of iterations)."""
+        t = self._manifest.get("env_kwargs", {}).get("step_s")
+        return float(t) if isinstance(t, (int, float)) and math.isfinite(t) and t > 0 else None
 
     @property
     def obs_dim(self) -> int:
@@ -254,7 +277,8 @@ class RuntimePolicy:
         return out
 
     def decode(self, action: Sequence[int] | np.ndarray) -> dict[str, Any]:
-        """{knob name: value} for an action, through the manifest's action tables."""
+        """{knob name: value} for an action, through the manifest's action tables (for a head
+        marked "moves", the value is the factor applied to the knob in force)."""
         a = np.asarray(action).reshape(-1)
         if a.shape[0] != len(self._tables):
             raise ValueError(f"action must have {len(self._tables)} entries, got {a.shape[0]}")

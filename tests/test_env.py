@@ -234,3 +234,77 @@ def test_short_maskable_ppo_run_learns_without_error():
     masks = np.stack(venv.env_method("action_masks"))
     action, _ = model.predict(obs, action_masks=masks, deterministic=True)
     assert action.shape == (2, 7)
+
+
+def test_random_initial_limits_are_seeded_and_within_bounds():
+    from autoopt.engine.knob_space import LIMIT_BOUNDS
+
+    env = InferenceTuningEnv(**SIM, randomize={"initial_limits": True})
+    starts = []
+    for seed in (0, 1, 2, 0):
+        env.reset(seed=seed)
+        starts.append((env.engine.knobs.max_num_seqs, env.engine.knobs.max_batched_tokens))
+    assert starts[0] == starts[3] and len(set(starts[:3])) == 3
+    for seqs, tokens in starts:
+        assert LIMIT_BOUNDS["max_num_seqs"][0] <= seqs <= LIMIT_BOUNDS["max_num_seqs"][1]
+        assert LIMIT_BOUNDS["max_batched_tokens"][0] <= tokens <= LIMIT_BOUNDS["max_batched_tokens"][1]
+    env.reset(seed=0)
+    assert (env.engine.knobs.max_num_seqs, env.engine.knobs.max_batched_tokens) == starts[0]
+    fixed = InferenceTuningEnv(**SIM)
+    fixed.reset(seed=0)
+    assert fixed.engine.knobs.max_num_seqs == 32  # without it, the engine's defaults
+
+
+def test_limit_moves_compound_from_the_limits_in_force():
+    from autoopt.engine.knob_space import LIMIT_MOVES
+
+    env = InferenceTuningEnv(**SIM, initial_knobs={"max_num_seqs": 40, "max_batched_tokens": 3000})
+    env.reset(seed=0)
+    up = np.array([LIMIT_MOVES.index(1.25), LIMIT_MOVES.index(0.8), 0, 0, 0, 0, 0])
+    env.step(up)
+    assert (env.engine.knobs.max_num_seqs, env.engine.knobs.max_batched_tokens) == (50, 2400)
+    env.step(up)
+    assert (env.engine.knobs.max_num_seqs, env.engine.knobs.max_batched_tokens) == (62, 1920)
+
+
+def test_iteration_feature_tracks_the_engines_iteration_time():
+    from autoopt.engine.features import FEATURE_NAMES
+
+    i = FEATURE_NAMES.index("iteration_vs_tpot")
+    env = InferenceTuningEnv(**SIM, slo_tpot_ms=20.0)
+    env.reset(seed=0)
+    ms = []
+    for _ in range(8):
+        obs, *_ = env.step(np.array([3, 3, 0, 0, 1, 0, 0]))
+        ms.append(env.engine.last_iteration_ms)
+    avg_ms = env.engine.telemetry.iteration_avg_s * 1e3
+    assert 0.0 < avg_ms <= max(ms) * 1.01
+    assert obs[i] == pytest.approx(math.log2(avg_ms / 20.0) / 4.0, abs=1e-5)
+
+
+def test_time_based_steps_cover_equal_engine_time_whatever_the_batch():
+    """With step_s every step moves the engine clock by step_s (to the iteration that crosses
+    it), so a policy cannot shorten its steps, and with them the arrivals it answers for,
+    by shrinking the batch; with a fixed iteration count a step lasts what its iterations do."""
+    from autoopt.engine.knob_space import LIMIT_MOVES
+
+    def run(step_s, move):
+        env = InferenceTuningEnv(load_scale=20.0, memory_cap_gib=8.0, episode_steps=40, window_s=30.0,
+                                 slo_tpot_ms=20.0, iterations_per_step=16, step_s=step_s)
+        env.reset(seed=0)
+        spans, arrivals = [], 0
+        for _ in range(40):
+            t0 = env.engine.now_s
+            _, _, _, _, info = env.step(np.array([LIMIT_MOVES.index(move), 3, 0, 0, 1, 0, 0]))
+            spans.append(env.engine.now_s - t0)
+            arrivals -= info["reward_parts"]["demand"]
+        return np.array(spans), arrivals
+
+    spans, _ = run(0.05, 0.5)
+    assert (spans >= 0.05).all() and (spans < 0.05 + 0.02).all()
+    small_t, small_arrivals = run(0.05, 0.5)  # batch limit driven to its floor
+    big_t, big_arrivals = run(0.05, 2.0)  # and to its ceiling
+    assert abs(small_t.sum() - big_t.sum()) < 0.05 * big_t.sum()
+    assert abs(small_arrivals - big_arrivals) <= 0.1 * big_arrivals
+    counted, _ = run(None, 0.5)  # by iteration count, a step lasts what 16 iterations last
+    assert counted.std() > 0 and not (counted >= 0.05).all()

@@ -9,7 +9,7 @@ import pytest
 
 from autoopt.cli import main
 from autoopt.engine.engine import Engine
-from autoopt.engine.knob_space import ACTION_DIMS, knobs_to_action
+from autoopt.engine.knob_space import ACTION_DIMS, LIMIT_MOVES, knobs_to_action
 from autoopt.engine.knobs import Knobs
 from autoopt.engine.request import Request
 from autoopt.engine.torch_executor import TorchExecutor
@@ -117,14 +117,16 @@ def test_shipped_policy_loads_and_matches_the_engine_layout():
 
 
 class Counting:
-    """Alternates between two batch limits and counts how often it is asked."""
+    """Doubles and halves the sequence limit in turn and counts how often it is asked."""
 
     def __init__(self):
         self.calls = 0
 
     def act(self, obs, mask=None):
         self.calls += 1
-        return knobs_to_action(SAFE.replace(max_num_seqs=8 if self.calls % 2 else 16, reclaim=self.calls == 1))
+        action = knobs_to_action(SAFE.replace(reclaim=self.calls == 1))
+        action[0] = LIMIT_MOVES.index(2.0 if self.calls % 2 else 0.5)
+        return action
 
 
 def test_guard_decides_every_n_iterations_and_holds_between():
@@ -146,10 +148,41 @@ def test_guard_decides_every_n_iterations_and_holds_between():
     assert n > 8 and policy.calls == -(-n // 4)  # ceil: asked on calls 0, 4, 8, ...
     limits = [k.max_num_seqs for k in answers]
     assert all(len(set(limits[i:i + 4])) == 1 for i in range(0, n, 4))
-    assert limits[0] != limits[4]
+    assert limits[0] == 16 and limits[4] == 8  # moves from the limit in force (8): x2, then x0.5
     assert [k.reclaim for k in answers].count(True) == 1
 
 
 def test_guard_rejects_a_bad_cadence():
     with pytest.raises(ValueError, match="decide_every"):
         GuardedPolicy(Counting(), "cpu", decide_every=0)
+
+
+def test_guard_decides_every_t_seconds_of_engine_time():
+    """A policy trained on steps of t seconds is asked at the first iteration t seconds
+    after its last decision, however long the iterations are."""
+    policy = Counting()
+    guard = GuardedPolicy(policy, "cuda", fallback=SAFE, decide_every_s=0.01)
+    reqs = [Request(rid=i, arrival_s=0.0, prompt_len=8, output_len=40) for i in range(3)]
+    times, decided = [], []
+
+    def controller(engine):
+        before = policy.calls
+        knobs = guard(engine)
+        times.append(engine.now_s)
+        decided.append(policy.calls > before)
+        return knobs
+
+    engine = Engine(TorchExecutor("tiny", device="cpu", max_slots=8), reqs, SAFE, controller=controller)
+    assert engine.run()["completed"] == 3
+    at = [t for t, d in zip(times, decided, strict=True) if d]
+    assert decided[0] and len(at) >= 2
+    assert all(b - a >= 0.01 for a, b in zip(at, at[1:], strict=False))
+    # and no call that came 0.01 s after the last decision went unanswered
+    last = at[0]
+    for t, d in zip(times, decided, strict=True):
+        if d:
+            last = t
+        else:
+            assert t - last < 0.01
+    with pytest.raises(ValueError, match="decide_every_s"):
+        GuardedPolicy(Counting(), "cpu", decide_every_s=0.0)

@@ -562,3 +562,21 @@ def test_npz_written_by_export_is_deterministic(tmp_path: Path) -> None:
     assert (a / "weights.npz").read_bytes() == (b / "weights.npz").read_bytes()
     with zipfile.ZipFile(a / "weights.npz") as zf:
         assert all(i.date_time == (1980, 1, 1, 0, 0, 0) for i in zf.infolist())
+
+
+def test_guard_refuses_a_policy_whose_action_layout_differs_from_the_engines(tmp_path: Path) -> None:
+    """A policy file from an older action layout (absolute batch-limit tables) would pick
+    valid indices that now mean moves: the guard refuses it when built, naming the heads."""
+    from autoopt.engine.features import FEATURE_NAMES
+    from autoopt.engine.knob_space import KNOB_TABLES, action_tables
+    from autoopt.policies.guard import GuardedPolicy
+
+    current = make_policy(tmp_path / "now", features=list(FEATURE_NAMES), tables=action_tables())
+    GuardedPolicy(RuntimePolicy.load(current), "cuda")  # the engine's own layout is accepted
+    old_tables = [{"name": n, "values": list(v)} for n, v in KNOB_TABLES]
+    old = make_policy(tmp_path / "old", features=list(FEATURE_NAMES), tables=old_tables)
+    with pytest.raises(PolicyFileError, match="action layout differs.*head 0 \\('max_num_seqs'\\)"):
+        GuardedPolicy(RuntimePolicy.load(old), "cuda")
+    other_features = make_policy(tmp_path / "feat", features=list(FEATURE_NAMES)[:-1], tables=action_tables())
+    with pytest.raises(PolicyFileError, match="observation layout differs"):
+        GuardedPolicy(RuntimePolicy.load(other_features), "cuda")

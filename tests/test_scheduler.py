@@ -106,13 +106,37 @@ def test_prefill_oom_requeues_at_head_then_rejects_after_max_tries():
     left = s.complete(batch, 0.1, StepResult(ms=1.0, oom=True))
     assert [r.rid for r in left] == [1, 0] or sorted(r.rid for r in left) == [0, 1]
     assert [r.rid for r in s.waiting] == [0, 1, 2]  # back at the head, in order
-    assert s.oom_backoff == 0.5 and s.balanced()
-    assert s.limits(knobs) == (1, 2048)  # the batch shrank
+    assert s.oom_backoff == 1 / 64 and s.balanced()  # half of 20 tokens is below the floor of 1/slots
+    assert s.limits(knobs) == (1, 64)  # the batch shrank
     batch = s.schedule(knobs)
     s.complete(batch, 0.2, StepResult(ms=1.0, oom=True))
     rejected = [r for r in batch.prefill if r.state == RequestState.REJECTED]
     assert rejected and all("out of memory" in r.reject_reason for r in rejected)
     assert s.balanced()
+
+
+def test_prefill_oom_halves_the_failed_batch_not_just_the_limit():
+    """A batch that used a fraction of a large token budget would fit under half the budget
+    again and run out of memory the same way: the retry gets at most half its tokens."""
+    s = _sched(slots=256)
+    for r in _reqs(20, prompt=100):
+        s.add(r)
+    knobs = Knobs(max_num_seqs=256, max_batched_tokens=32768)
+    s.complete(s.schedule(knobs), 0.1, StepResult(ms=1.0))  # 20 running
+    for r in _reqs(40, prompt=200):
+        s.add(Request(rid=100 + r.rid, arrival_s=0.1, prompt_len=200, output_len=3))
+    batch = s.schedule(knobs)
+    used = batch.prefill_tokens + len(batch.decode)
+    assert used == 40 * 200 + 20  # well under half the budget
+    s.complete(batch, 0.2, StepResult(ms=1.0, oom=True))
+    assert s.limits(knobs)[1] <= used // 2
+    retry = s.schedule(knobs)
+    assert 0 < retry.prefill_tokens + len(retry.decode) <= used // 2
+    s.complete(retry, 0.3, StepResult(ms=1.0))
+    # and the limits recover as clean iterations follow
+    for _ in range(70):
+        s.complete(s.schedule(knobs), 1.0, StepResult(ms=1.0))
+    assert s.oom_backoff == 1.0 and s.balanced()
 
 
 def test_decode_oom_preempts_newest_half_and_recomputes():

@@ -22,6 +22,10 @@ SMALL = {
         "n_timesteps": 512,
         "n_envs": 2,
         "seed": 3,
+        # kick-started from AIMD as the shipped config is (a short search, few teacher steps)
+        "warm_start": "aimd",
+        "warm_start_window_s": 5,
+        "kickstart_steps": 256,
         "normalize": "dict(norm_obs=True, norm_reward=True)",
         "n_steps": 128,
         "batch_size": 128,
@@ -75,6 +79,8 @@ def test_run_saves_model_checkpoints_and_a_loadable_runtime_policy(run_dir):
     assert policy.manifest["profile"]["name"] == "h100-gpt2-small" and len(policy.manifest["profile"]["sha256"]) == 64
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())[ENV_ID]
     assert saved["seed"] == 3 and load_config(run_dir / "config.yaml")["n_steps"] == 128
+    kick = json.loads((run_dir / "kickstart.json").read_text())
+    assert kick["steps"] == 256 and 0.0 <= kick["agreement"] <= 1.0
 
 
 def test_resume_continues_from_the_newest_checkpoint(run_dir, tmp_path):

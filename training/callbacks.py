@@ -18,7 +18,7 @@ import torch as th
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import HParam
 
-from ..engine.knob_space import KNOB_TABLES
+from ..engine.knob_space import KNOB_NAMES, knob_position
 from ..engine.telemetry import SLO
 
 
@@ -27,7 +27,7 @@ class EnvScalarsCallback(BaseCallback):
 
     def _on_rollout_start(self) -> None:
         self.parts: dict[str, float] = defaultdict(float)
-        self.knob_idx: dict[str, list[int]] = defaultdict(list)
+        self.knob_idx: dict[str, list[float]] = defaultdict(list)
         self.slo: list[float] = []
         self.ttft: list[float] = []
         self.tpot: list[float] = []
@@ -46,10 +46,10 @@ class EnvScalarsCallback(BaseCallback):
             self.steps += 1
             for k, v in info.get("reward_parts", {}).items():
                 self.parts[k] += v
-            for name, values in KNOB_TABLES:
+            for name in KNOB_NAMES:
                 v = info.get("knobs", {}).get(name)
-                if v in values:
-                    self.knob_idx[name].append(values.index(v))
+                if v is not None:
+                    self.knob_idx[name].append(knob_position(name, v))
             self.slo.append(info.get("slo_attainment", np.nan))
             self.ttft.append(info.get("ttft_avg_ms", np.nan))
             self.tpot.append(info.get("tpot_avg_ms", np.nan))
@@ -121,6 +121,7 @@ class BestStaticEvalCallback(BaseCallback):
         self.cache_dir = cache_dir
         self.best_path = best_path
         self.decide_every = int(env_kwargs.get("iterations_per_step", 1))
+        self.decide_every_s = env_kwargs.get("step_s")
         self.best_ratio = -np.inf
         self.static_goodput: float | None = None
 
@@ -141,7 +142,8 @@ class BestStaticEvalCallback(BaseCallback):
             res = search_best_static(self.scenarios, self.slo, device, max_passes=1, cache_dir=self.cache_dir)
             self.static_goodput = res.goodput_rps
         vecnorm = self.model.get_vec_normalize_env()
-        policy = LearnedPolicy(SB3Actor(self.model, vecnorm), device, decide_every=self.decide_every)
+        policy = LearnedPolicy(SB3Actor(self.model, vecnorm), device, decide_every=self.decide_every,
+                               decide_every_s=self.decide_every_s)
         goodputs = []
         for s in self.scenarios:
             policy.reset()

@@ -24,7 +24,7 @@ from ..agents.base import KnobPolicy, as_controller, default_policy
 from ..agents.best_static import SearchResult, best_static_policy, search_best_static
 from ..agents.learned import LearnedPolicy
 from ..agents.oracle import build_oracle
-from ..engine.knob_space import KNOB_TABLES
+from ..engine.knob_space import KNOB_TABLES, knob_position
 from ..engine.telemetry import SLO, IterationStats
 from ..envs.scenario import Scenario, run_scenario
 
@@ -42,7 +42,8 @@ class Series:
     ttft_ms: list[float] = field(default_factory=list)
     iter_ms: list[float] = field(default_factory=list)
     queue: list[int] = field(default_factory=list)
-    knobs: dict[str, list[int]] = field(default_factory=lambda: {n: [] for n, _ in KNOB_TABLES})
+    # position of each knob in its table (fractional for the batch limits, which move freely)
+    knobs: dict[str, list[float]] = field(default_factory=lambda: {n: [] for n, _ in KNOB_TABLES})
 
     def recorder(self, engine_ref: list[Any]):
         acc = {"ok": 0, "ms": [], "bin": 0}
@@ -58,9 +59,8 @@ class Series:
                 self.iter_ms.append(float(np.mean(acc["ms"])))
                 self.ttft_ms.append(eng.telemetry.ttft_avg_s * 1e3 if eng else math.nan)
                 self.queue.append(st.queue_len)
-                for name, values in KNOB_TABLES:
-                    v = getattr(eng.knobs, name) if eng else None
-                    self.knobs[name].append(values.index(v) if v in values else -1)
+                for name, _ in KNOB_TABLES:
+                    self.knobs[name].append(knob_position(name, getattr(eng.knobs, name)) if eng else -1.0)
                 acc.update(ok=0, ms=[], bin=b)
 
         return on_step

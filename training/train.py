@@ -154,6 +154,11 @@ def train(
         )
         if cfg.get("warm_start") == "best-static":
             warm_start_from_best_static(model, cfg, Path(logdir) / "cache", cfg.get("warm_start_logit", 4.0))
+        elif cfg.get("warm_start") == "aimd":
+            stats = kickstart_from_aimd(model, venv, cfg, Path(logdir) / "cache", seed)
+            (run_dir / "kickstart.json").write_text(json.dumps(stats, indent=2))
+        elif cfg.get("warm_start") not in (None, "none"):
+            raise SystemExit(f"config warm_start must be best-static, aimd or none, got {cfg['warm_start']!r}")
     (run_dir / "config.yaml").write_text(yaml.safe_dump({ENV_ID: _plain(cfg, timesteps, n_envs, seed)}))
     eval_cfg = cfg.get("eval", {})
     callbacks = [
@@ -192,6 +197,45 @@ def train(
     return run_dir
 
 
+def searched_best_static(cfg: dict[str, Any], cache_dir: Path, profile: str | None = None) -> Any:
+    """The best-static config on the training scenarios (one coordinate-descent pass, cached),
+    on the env's profile or on `profile`."""
+    from ..agents.best_static import search_best_static
+    from ..calibration.profile import load_profile
+    from ..engine.telemetry import SLO
+    from .evaluate import training_scenarios
+
+    env_kwargs = dict(cfg.get("env_kwargs", {}))
+    if profile is not None:
+        env_kwargs["profile"] = profile
+    slo = SLO(env_kwargs.get("slo_ttft_ms", 1000.0) / 1e3, env_kwargs.get("slo_tpot_ms", 100.0) / 1e3)
+    device = load_profile(env_kwargs.get("profile", "h100-gpt2-small")).device["type"]
+    scenarios = training_scenarios(env_kwargs, duration_s=float(cfg.get("warm_start_window_s", 60.0)))
+    print(f"warm start: searching best-static on {len(scenarios)} training scenarios "
+          f"({env_kwargs.get('profile', 'h100-gpt2-small')})", file=sys.stderr)
+    result = search_best_static(scenarios, slo, device, max_passes=1, cache_dir=cache_dir)
+    print(f"warm start from {result.knobs.to_dict()} ({result.goodput_rps:.2f} req/s)", file=sys.stderr)
+    return result
+
+
+def kickstart_from_aimd(model: Any, venv: Any, cfg: dict[str, Any], cache_dir: Path, seed: int) -> dict[str, float]:
+    """Behaviour-clone AIMD's moves, with best-static's other knobs, before PPO (see
+    kickstart.py). `kickstart_teachers: per-profile` gives each training profile AIMD over
+    its own best-static knobs; a profile name uses that profile's knobs for every episode."""
+    from ..agents.aimd import AIMDTeacher
+    from .kickstart import ProfileTeachers, kickstart
+
+    env_kwargs = cfg.get("env_kwargs", {})
+    profiles = env_kwargs.get("randomize", {}).get("profiles") or [env_kwargs.get("profile", "h100-gpt2-small")]
+    which = cfg.get("kickstart_teachers", "per-profile")
+    if which == "per-profile":
+        teacher: Any = ProfileTeachers({p: AIMDTeacher(searched_best_static(cfg, cache_dir, p).knobs) for p in profiles})
+    else:
+        teacher = AIMDTeacher(searched_best_static(cfg, cache_dir, str(which)).knobs)
+    return kickstart(model, venv, teacher, steps=int(cfg.get("kickstart_steps", 32768)),
+                     epochs=int(cfg.get("kickstart_epochs", 10)), seed=seed)
+
+
 def warm_start_from_best_static(
     model: Any, cfg: dict[str, Any], cache_dir: Path, logit: float | dict[str, float]
 ) -> None:
@@ -209,20 +253,9 @@ def warm_start_from_best_static(
     """
     import torch
 
-    from ..agents.best_static import search_best_static
-    from ..calibration.profile import load_profile
     from ..engine.knob_space import ACTION_DIMS, KNOB_NAMES, knobs_to_action
-    from ..engine.telemetry import SLO
-    from .evaluate import training_scenarios
 
-    env_kwargs = cfg.get("env_kwargs", {})
-    slo = SLO(env_kwargs.get("slo_ttft_ms", 1000.0) / 1e3, env_kwargs.get("slo_tpot_ms", 100.0) / 1e3)
-    device = load_profile(env_kwargs.get("profile", "h100-gpt2-small")).device["type"]
-    scenarios = training_scenarios(env_kwargs, duration_s=float(cfg.get("warm_start_window_s", 60.0)))
-    print(f"warm start: searching best-static on {len(scenarios)} training scenarios", file=sys.stderr)
-    result = search_best_static(scenarios, slo, device, max_passes=1, cache_dir=cache_dir)
-    print(f"warm start from {result.knobs.to_dict()} ({result.goodput_rps:.2f} req/s)", file=sys.stderr)
-    action = knobs_to_action(result.knobs)
+    action = knobs_to_action(searched_best_static(cfg, cache_dir).knobs)
     offsets = [sum(ACTION_DIMS[:h]) for h in range(len(ACTION_DIMS))]
     heads = cfg.get("warm_start_heads", list(KNOB_NAMES))
     logits = dict(logit) if isinstance(logit, dict) else {"default": logit}
@@ -299,5 +332,8 @@ def train_main(argv: list[str]) -> int:
         shutil.rmtree(dest, ignore_errors=True)
         shutil.copytree(run_dir / "policy", dest)
         shutil.copy(run_dir / "config.yaml", dest / "train_config.yaml")
+        for record in ("train.json", "kickstart.json"):  # how long it took, how well it cloned
+            if (run_dir / record).exists():
+                shutil.copy(run_dir / record, dest / record)
         print(f"shipped to {dest}")
     return 0
