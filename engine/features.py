@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .knob_space import KNOB_TABLES, knob_position
+from .knob_space import KNOB_TABLES, LIMIT_KNOBS, knob_position
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -50,7 +50,7 @@ _ORDINAL = ("max_num_seqs", "max_batched_tokens", "cuda_graphs", "reclaim")
 _LIMIT_MEANING = "log(limit / low) / log(high / low) over the table's range (low {}, high {})"
 KNOB_FEATURES: tuple[tuple[str, float, float, str], ...] = tuple(
     (f"knob_{name}", 0.0, 1.0, _LIMIT_MEANING.format(min(values), max(values)))
-    if name in ("max_num_seqs", "max_batched_tokens")
+    if name in LIMIT_KNOBS
     else (f"knob_{name}", 0.0, 1.0, "0/1")
     if name in _ORDINAL
     else (f"knob_{name}={v}", 0.0, 1.0, "one-hot")

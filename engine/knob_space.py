@@ -42,12 +42,12 @@ KNOB_NAMES: tuple[str, ...] = tuple(name for name, _ in KNOB_TABLES)
 # The batch limits are moved, not picked: each decision scales the limit in force.
 LIMIT_KNOBS: tuple[str, ...] = ("max_num_seqs", "max_batched_tokens")
 LIMIT_MOVES: tuple[float, ...] = (0.5, 0.8, 0.95, 1.0, 1.05, 1.25, 2.0)
-HOLD = LIMIT_MOVES.index(1.0)
 LIMIT_BOUNDS: dict[str, tuple[int, int]] = {name: (min(v), max(v)) for name, v in KNOB_TABLES if name in LIMIT_KNOBS}
 ACTION_TABLES: tuple[tuple[str, tuple[Any, ...]], ...] = tuple(
     (name, LIMIT_MOVES if name in LIMIT_KNOBS else values) for name, values in KNOB_TABLES
 )
 ACTION_DIMS: tuple[int, ...] = tuple(len(values) for _, values in ACTION_TABLES)
+_VALUES: dict[str, tuple[Any, ...]] = dict(KNOB_TABLES)
 _OFFSETS = np.concatenate([[0], np.cumsum(ACTION_DIMS)]).astype(int)
 
 # Fallback kernel when the chosen one cannot run at the chosen precision / on the device.
@@ -91,7 +91,7 @@ def knob_position(name: str, value: Any) -> float:
     Batch limits move freely, so theirs is interpolated on a log scale between the table's
     entries (and clipped to its ends); other knobs give their exact index (0 if absent).
     """
-    values = dict(KNOB_TABLES)[name]
+    values = _VALUES[name]
     if name in LIMIT_KNOBS:
         lo, hi = LIMIT_BOUNDS[name]
         frac = math.log(min(hi, max(lo, value)) / lo) / math.log(hi / lo)

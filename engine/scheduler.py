@@ -10,7 +10,8 @@ unchanged; only their executors differ.
 Out of memory: the batch's prefill requests go back to the head of the queue (a decode
 OOM preempts the newest half of the running set the same way, recompute-style), each
 try is counted, a request that fails `max_tries` times is rejected with the reason, and
-the limits shrink by half, then recover additively (AIMD on the OOM signal).
+the limits shrink to at most half of what the failed batch used (half the limit when it
+used all of it), then recover additively (AIMD on the OOM signal).
 """
 
 from __future__ import annotations
