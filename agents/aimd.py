@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..engine.features import FEATURE_NAMES
-from ..engine.knob_space import KNOB_NAMES, LIMIT_KNOBS, LIMIT_MOVES, knobs_to_action
+from ..engine.knob_space import ACTION_TABLES, KNOB_NAMES, LIMIT_KNOBS, LIMIT_MOVES, knobs_to_action
 from ..engine.knobs import Knobs
 
 if TYPE_CHECKING:
@@ -66,9 +66,11 @@ class AIMDTeacher:
 
     It reads only the observation (so the actor can represent it exactly): when the recent
     iteration time is over the TPOT SLO, or OOMs are recent, both batch limits take the
-    small step down, otherwise the small step up; the other knobs stay at a base config
-    (best-static). Moves are applied each decision, so it climbs and backs off faster
-    than the 0.25 s AIMD baseline, and holds near the limit where a batch meets the SLO.
+    small step down, otherwise the small step up; the other knobs go to a base config
+    (best-static), except before the engine has produced a token, when the observation
+    says nothing about the card and the knobs in force are kept. Moves are applied each
+    decision, so it climbs and backs off faster than the 0.25 s AIMD baseline, and holds
+    near the limit where a batch meets the SLO.
     """
 
     def __init__(self, base: Knobs, down: float = 0.95, up: float = 1.05, oom_threshold: float = 0.05) -> None:
@@ -77,7 +79,14 @@ class AIMDTeacher:
         self.down, self.up = LIMIT_MOVES.index(down), LIMIT_MOVES.index(up)
         self._iteration = FEATURE_NAMES.index("iteration_vs_tpot")
         self._ooms = FEATURE_NAMES.index("recent_ooms")
+        self._tokens_per_s = FEATURE_NAMES.index("tokens_per_s")
         self.oom_threshold = oom_threshold
+        # where each categorical knob in force sits in the observation (one-hot or 0/1)
+        self._in_force = [
+            (h, [FEATURE_NAMES.index(f"knob_{name}={v}") for v in values] if len(values) > 2
+             else [FEATURE_NAMES.index(f"knob_{name}")])
+            for h, (name, values) in enumerate(ACTION_TABLES) if name not in LIMIT_KNOBS
+        ]
 
     def act(self, obs: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
         """Teacher actions for one observation `[n_features]` or a batch `[n, n_features]`."""
@@ -87,4 +96,11 @@ class AIMDTeacher:
         actions = np.tile(self.base_action, (len(batch), 1))
         for h in self.limit_heads:
             actions[:, h] = np.where(miss, self.down, self.up)
+        # Before the engine has produced a token the observation says nothing about the
+        # card: keep the knobs in force rather than switch on a guess.
+        fresh = batch[:, self._tokens_per_s] <= 0.0
+        if fresh.any():
+            for h, cols in self._in_force:
+                now = batch[fresh][:, cols]
+                actions[fresh, h] = now.argmax(axis=1) if len(cols) > 1 else np.round(now[:, 0])
         return actions if obs.ndim == 2 else actions[0]

@@ -24,6 +24,7 @@ IT, OOM = FEATURE_NAMES.index("iteration_vs_tpot"), FEATURE_NAMES.index("recent_
 def test_teacher_steps_the_limits_down_on_a_miss_and_up_otherwise():
     teacher = AIMDTeacher(BASE)
     obs = np.zeros((3, len(FEATURE_NAMES)), np.float32)
+    obs[:, FEATURE_NAMES.index("tokens_per_s")] = 0.5  # the engine is producing tokens
     obs[0, IT] = -0.2  # iterations under the TPOT SLO
     obs[1, IT] = 0.3  # over it
     obs[2, IT], obs[2, OOM] = -0.2, 0.2  # under it, but OOMs are recent
@@ -101,7 +102,24 @@ def test_profile_teachers_answer_by_each_episodes_profile():
                                 "h100-gpt2-small-engine": AIMDTeacher(BASE.replace(attention="cudnn"))})
     data = collect(venv, teachers, steps=60)
     att = data["actions"][:, :, KNOB_NAMES.index("attention")]
-    engine = data["profiles"] == "h100-gpt2-small-engine"
-    assert engine.any() and (~engine).any()
+    flowing = data["obs"][:, :, FEATURE_NAMES.index("tokens_per_s")] > 0  # past an episode's first step
+    engine = (data["profiles"] == "h100-gpt2-small-engine") & flowing
+    shared = (data["profiles"] == "h100-gpt2-small") & flowing
+    assert engine.any() and shared.any()
     assert (att[engine] == knobs_to_action(BASE.replace(attention="cudnn"))[2]).all()
-    assert (att[~engine] == knobs_to_action(BASE)[2]).all()
+    assert (att[shared] == knobs_to_action(BASE)[2]).all()
+
+
+def test_teacher_keeps_the_knobs_in_force_until_the_engine_has_produced_a_token():
+    """The first observation of an episode says nothing about the card, so the teacher
+    does not switch kernel or precision on it; once tokens flow it moves to its base."""
+    from autoopt.envs.inference_tuning import InferenceTuningEnv
+
+    env = InferenceTuningEnv(load_scale=10.0, step_s=0.05, initial_knobs={"attention": "flash", "precision": "bf16"})
+    obs, _ = env.reset(seed=0)
+    teacher = AIMDTeacher(BASE.replace(attention="cudnn", precision="fp16"))
+    first = teacher.act(obs)
+    assert (first[2:] == knobs_to_action(env.engine.knobs)[2:]).all()  # flash, bf16 kept
+    obs, *_ = env.step(first)
+    assert obs[FEATURE_NAMES.index("tokens_per_s")] > 0
+    assert (teacher.act(obs)[2:] == knobs_to_action(BASE.replace(attention="cudnn", precision="fp16"))[2:]).all()
