@@ -31,6 +31,14 @@ CLOCKS = ("virtual", "realtime")
 Controller = Callable[["Engine"], "Knobs | None"]
 
 
+_LIMITS = ("max_num_seqs", "max_batched_tokens")
+
+
+def _executor_knobs(knobs: Knobs) -> tuple[object, ...]:
+    """The knobs an executor acts on (all but the batch limits)."""
+    return (knobs.attention, knobs.cuda_graphs, knobs.precision, knobs.allocator, knobs.reclaim)
+
+
 @lru_cache(maxsize=4096)
 def _without_reclaim(knobs: Knobs) -> Knobs:
     """`knobs` with reclaim off (a reclaim acts once); cached, as a policy may ask every step."""
@@ -85,7 +93,17 @@ class Engine:
     # -- knobs ------------------------------------------------------------------------
     def set_knobs(self, knobs: Knobs) -> SwitchReport:
         """Bring `knobs` into force before the next iteration and charge the switch."""
-        first = self._applied is None
+        old = self._applied
+        if old is not None and _executor_knobs(old) == _executor_knobs(knobs):
+            # Only the batch limits moved: they are the scheduler's alone, so the executor
+            # has nothing to do and nothing to charge (a policy moves them every decision).
+            changed = [n for n in _LIMITS if getattr(old, n) != getattr(knobs, n)]
+            self._applied = self.knobs = knobs
+            for name in changed:
+                self.telemetry.switch_counts[name] = self.telemetry.switch_counts.get(name, 0) + 1
+            self.last_switch = SwitchReport(changed=changed, not_applicable=dict(self.not_applicable))
+            return self.last_switch
+        first = old is None
         report = self.executor.apply_knobs(self._applied, knobs)
         self._applied = _without_reclaim(knobs) if knobs.reclaim else knobs
         self.knobs = self._applied

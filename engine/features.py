@@ -58,6 +58,10 @@ KNOB_FEATURES: tuple[tuple[str, float, float, str], ...] = tuple(
     for v in ((None,) if name in _ORDINAL else values)
 )
 FEATURES: tuple[tuple[str, float, float, str], ...] = BASE_FEATURES + KNOB_FEATURES
+# The limits lead the knob tables, so the knob features are the limits', then the rest's.
+assert tuple(name for name, _ in KNOB_TABLES[: len(LIMIT_KNOBS)]) == LIMIT_KNOBS
+_LIMIT_TABLES = KNOB_TABLES[: len(LIMIT_KNOBS)]
+_CATEGORICAL_TABLES = KNOB_TABLES[len(LIMIT_KNOBS):]
 FEATURE_NAMES: tuple[str, ...] = tuple(f[0] for f in FEATURES)
 LOW = np.array([f[1] for f in FEATURES], dtype=np.float32)
 HIGH = np.array([f[2] for f in FEATURES], dtype=np.float32)
@@ -88,20 +92,26 @@ class ObservationBuilder:
         self.dim = len(FEATURES)
         self._knobs: object = None
         self._knob_values: list[float] = []
-        self._knob_cache: dict[object, list[float]] = {}  # one entry per knob setting seen, bounded
+        # the categorical knobs' features, per setting (a handful): the limits move every
+        # decision and are two logs, so they are not part of the key
+        self._categorical_cache: dict[tuple[object, ...], list[float]] = {}
         self.nonfinite = 0  # readings replaced because they were NaN or infinite
 
     def _knob_features(self, knobs: object) -> list[float]:
-        out: list[float] = []
-        for name, values in KNOB_TABLES:
-            pos = knob_position(name, getattr(knobs, name))
-            if name in _ORDINAL:
-                out.append(pos / (len(values) - 1))
-            else:
-                one_hot = [0.0] * len(values)
-                one_hot[int(pos)] = 1.0
-                out += one_hot
-        return out
+        limits = [knob_position(name, getattr(knobs, name)) / (len(values) - 1) for name, values in _LIMIT_TABLES]
+        key = tuple(getattr(knobs, name) for name, _ in _CATEGORICAL_TABLES)
+        categorical = self._categorical_cache.get(key)
+        if categorical is None:
+            categorical = self._categorical_cache[key] = []
+            for name, values in _CATEGORICAL_TABLES:
+                pos = knob_position(name, getattr(knobs, name))
+                if name in _ORDINAL:
+                    categorical.append(pos / (len(values) - 1))
+                else:
+                    one_hot = [0.0] * len(values)
+                    one_hot[int(pos)] = 1.0
+                    categorical += one_hot
+        return limits + categorical
 
     def build(self, engine: Engine) -> np.ndarray:
         sched, tel, mem, slo = engine.scheduler, engine.telemetry, engine.memory_reading, engine.config.slo
@@ -138,10 +148,5 @@ class ObservationBuilder:
                 base[i] = hi
         knobs = engine.knobs
         if knobs is not self._knobs:
-            values = self._knob_cache.get(knobs)
-            if values is None:
-                if len(self._knob_cache) >= 4096:  # the limits move freely: keep the cache bounded
-                    self._knob_cache.clear()
-                values = self._knob_cache[knobs] = self._knob_features(knobs)
-            self._knobs, self._knob_values = knobs, values
+            self._knobs, self._knob_values = knobs, self._knob_features(knobs)
         return np.array(base + self._knob_values, dtype=np.float32)

@@ -166,8 +166,16 @@ def decode_action(
     if moves is None:
         return knobs, list(flags)
     base = current or Knobs()
-    limits = {name: move_limit(name, getattr(base, name), f) for name, f in zip(LIMIT_KNOBS, moves, strict=True)}
-    return knobs.replace(**limits), list(flags)
+    seqs = move_limit("max_num_seqs", base.max_num_seqs, moves[0])
+    tokens = move_limit("max_batched_tokens", base.max_batched_tokens, moves[1])
+    return _with_limits(knobs, seqs, tokens), list(flags)
+
+
+@functools.lru_cache(maxsize=8192)
+def _with_limits(knobs: Knobs, seqs: int, tokens: int) -> Knobs:
+    """`knobs` with these batch limits; cached, as the environment and the guard decode an
+    action every step and a Knobs is validated when it is made."""
+    return knobs.replace(max_num_seqs=seqs, max_batched_tokens=tokens)
 
 
 @functools.lru_cache(maxsize=4096)
