@@ -20,6 +20,7 @@ from functools import lru_cache
 from typing import Any
 
 from .executor import Executor, MemoryReading, StepResult, SwitchReport
+from .knob_space import KNOB_NAMES, LIMIT_KNOBS
 from .knobs import Knobs
 from .request import Request
 from .scheduler import Scheduler
@@ -31,12 +32,12 @@ CLOCKS = ("virtual", "realtime")
 Controller = Callable[["Engine"], "Knobs | None"]
 
 
-_LIMITS = ("max_num_seqs", "max_batched_tokens")
+_EXECUTOR_KNOBS = tuple(name for name in KNOB_NAMES if name not in LIMIT_KNOBS)
 
 
 def _executor_knobs(knobs: Knobs) -> tuple[object, ...]:
-    """The knobs an executor acts on (all but the batch limits)."""
-    return (knobs.attention, knobs.cuda_graphs, knobs.precision, knobs.allocator, knobs.reclaim)
+    """The knobs an executor acts on (all but the batch limits, which are the scheduler's)."""
+    return tuple(getattr(knobs, name) for name in _EXECUTOR_KNOBS)
 
 
 @lru_cache(maxsize=4096)
@@ -97,7 +98,7 @@ class Engine:
         if old is not None and _executor_knobs(old) == _executor_knobs(knobs):
             # Only the batch limits moved: they are the scheduler's alone, so the executor
             # has nothing to do and nothing to charge (a policy moves them every decision).
-            changed = [n for n in _LIMITS if getattr(old, n) != getattr(knobs, n)]
+            changed = [n for n in LIMIT_KNOBS if getattr(old, n) != getattr(knobs, n)]
             self._applied = self.knobs = knobs
             for name in changed:
                 self.telemetry.switch_counts[name] = self.telemetry.switch_counts.get(name, 0) + 1
