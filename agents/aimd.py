@@ -68,12 +68,16 @@ class AIMDTeacher:
     iteration time is over the TPOT SLO, or OOMs are recent, both batch limits take the
     small step down, otherwise the small step up; the other knobs go to a base config
     (best-static), except before the engine has produced a token, when the observation
-    says nothing about the card and the knobs in force are kept. Moves are applied each
+    says nothing about the card and the knobs in force are kept, and except the allocator
+    once memory is under pressure (see `pressure_allocator`). Moves are applied each
     decision, so it climbs and backs off faster than the 0.25 s AIMD baseline, and holds
     near the limit where a batch meets the SLO.
     """
 
-    def __init__(self, base: Knobs, down: float = 0.95, up: float = 1.05, oom_threshold: float = 0.05) -> None:
+    def __init__(
+        self, base: Knobs, down: float = 0.95, up: float = 1.05, oom_threshold: float = 0.05,
+        pressure_allocator: str | None = "expandable", pressure_headroom: float = 0.0,
+    ) -> None:
         self.base_action = knobs_to_action(base)
         self.limit_heads = [KNOB_NAMES.index(name) for name in LIMIT_KNOBS]
         self.down, self.up = LIMIT_MOVES.index(down), LIMIT_MOVES.index(up)
@@ -81,6 +85,19 @@ class AIMDTeacher:
         self._ooms = FEATURE_NAMES.index("recent_ooms")
         self._tokens_per_s = FEATURE_NAMES.index("tokens_per_s")
         self.oom_threshold = oom_threshold
+        # Memory pressure (an OOM, or headroom under `pressure_headroom`) switches the
+        # allocator to `pressure_allocator` for good: on the H100, expandable segments lost
+        # almost no batch under pressure where the default allocator lost several.
+        self._headroom = FEATURE_NAMES.index("memory_headroom")
+        self.pressure_headroom = pressure_headroom
+        self._allocator = None
+        if pressure_allocator is not None:
+            name = "allocator"
+            self._allocator = (
+                KNOB_NAMES.index(name),
+                ACTION_TABLES[KNOB_NAMES.index(name)][1].index(pressure_allocator),
+                FEATURE_NAMES.index(f"knob_{name}={pressure_allocator}"),
+            )
         # where each categorical knob in force sits in the observation (one-hot or 0/1)
         self._in_force = [
             (h, [FEATURE_NAMES.index(f"knob_{name}={v}") for v in values] if len(values) > 2
@@ -96,6 +113,14 @@ class AIMDTeacher:
         actions = np.tile(self.base_action, (len(batch), 1))
         for h in self.limit_heads:
             actions[:, h] = np.where(miss, self.down, self.up)
+        if self._allocator is not None:
+            head, value, in_force = self._allocator
+            pressure = (
+                (batch[:, self._ooms] > 0.0)
+                | (batch[:, self._headroom] < self.pressure_headroom)
+                | (batch[:, in_force] > 0.5)
+            )
+            actions[pressure, head] = value
         # Before the engine has produced a token the observation says nothing about the
         # card: keep the knobs in force rather than switch on a guess.
         fresh = batch[:, self._tokens_per_s] <= 0.0

@@ -104,6 +104,9 @@ class Recorder:
         self.timer.apply_knobs(old, new)
         return self.live.apply_knobs(old, new)
 
+    def reference_decode_ms(self, attention: str) -> float:
+        return self.live.reference_decode_ms(attention)
+
     def execute(self, batch: Batch) -> StepResult:
         predicted = self.timer.iteration_ms(batch)
         result = self.live.execute(batch)

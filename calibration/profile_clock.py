@@ -31,6 +31,9 @@ class ProfileClockExecutor:
         report.cost_ms, report.ms = dict(predicted.cost_ms), predicted.ms
         return report
 
+    def reference_decode_ms(self, attention: str) -> float:
+        return self.timer.reference_decode_ms(attention)  # the clock is the profile's
+
     def execute(self, batch: Batch) -> StepResult:
         ms = self.timer.iteration_ms(batch)
         result = self.live.execute(batch)

@@ -20,6 +20,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from ..engine.card import reference_shape
 from ..engine.executor import Batch, Capacity, MemoryReading, StepResult, SwitchReport, kv_token_budget
 from ..engine.knobs import Knobs, not_applicable
 from ..engine.request import Request
@@ -199,6 +200,15 @@ class SimExecutor:
         if (new.attention, new.precision, new.cuda_graphs) != self._mode:
             self._set_mode(self.knobs)
         return report
+
+    def reference_decode_ms(self, attention: str) -> float:
+        """The profile's ms for the card probe's reference decode step (`engine.card`)."""
+        b, c = reference_shape(self.capacity)
+        key = ("reference", b, c, attention, self._cuda)
+        ms = self._cache.get(key)
+        if ms is None:
+            ms = self._cache[key] = float(self.latency.decode_ms(b, c, attention, "bf16", self._cuda))
+        return ms
 
     # -- execution --------------------------------------------------------------------
     def iteration_ms(

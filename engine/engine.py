@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+from .card import probe_card
 from .executor import Executor, MemoryReading, StepResult, SwitchReport
 from .knob_space import KNOB_NAMES, LIMIT_KNOBS
 from .knobs import Knobs
@@ -88,6 +89,9 @@ class Engine:
         self.knobs = Knobs()
         self._applied: Knobs | None = None
         self._pending_switch_ms = 0.0
+        # ms of a reference decode step per attention kernel, timed before serving: the
+        # policy's observation tells the card's speed from the load with it (engine.card)
+        self.card: dict[str, float | None] = probe_card(executor)
         self.memory_reading: MemoryReading = executor.memory(full=True)
         self.set_knobs(knobs or Knobs())
 

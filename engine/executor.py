@@ -126,6 +126,11 @@ class Executor(Protocol):
         """Run one iteration: prefill `batch.prefill`, one decode step for `batch.decode`."""
         ...
 
+    def reference_decode_ms(self, attention: str) -> float:
+        """ms of the card probe's reference decode step with `attention` (`engine.card`),
+        measured or predicted; the knobs in force are left as they were."""
+        ...
+
     def release(self, requests: list[Request]) -> None:
         """Free the KV-cache state of requests that finished, were preempted or rejected."""
         ...

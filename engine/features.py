@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .knob_space import KNOB_TABLES, LIMIT_KNOBS, knob_position
+from .knobs import ATTENTION_KERNELS
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -45,6 +46,13 @@ BASE_FEATURES: tuple[tuple[str, float, float, str], ...] = (
     ("recent_retries", 0.0, 1.0, "allocator retries, moving average per iteration (capped)"),
     ("oom_backoff", 0.0, 1.0, "scheduler's batch-limit shrink after OOMs (1 = none)"),
 )
+# The card's speed (engine.card): the reference decode step per attention kernel, probed
+# once when the engine starts. Without it a slower iteration reads the same whether the
+# load grew or the card is slow, and the policy picked the other card's kernel.
+CARD_FEATURES: tuple[tuple[str, float, float, str], ...] = tuple(
+    (f"card_decode_{kernel}", -1.0, 1.0, "reference decode step / TPOT SLO, log2 ratio / 4 (1: cannot run)")
+    for kernel in ATTENTION_KERNELS
+)
 # The knobs in force: ordinal knobs as their position in the table, categorical ones one-hot.
 _ORDINAL = ("max_num_seqs", "max_batched_tokens", "cuda_graphs", "reclaim")
 _LIMIT_MEANING = "log(limit / low) / log(high / low) over the table's range (low {}, high {})"
@@ -57,7 +65,7 @@ KNOB_FEATURES: tuple[tuple[str, float, float, str], ...] = tuple(
     for name, values in KNOB_TABLES
     for v in ((None,) if name in _ORDINAL else values)
 )
-FEATURES: tuple[tuple[str, float, float, str], ...] = BASE_FEATURES + KNOB_FEATURES
+FEATURES: tuple[tuple[str, float, float, str], ...] = BASE_FEATURES + CARD_FEATURES + KNOB_FEATURES
 # The limits lead the knob tables, so the knob features are the limits', then the rest's.
 assert tuple(name for name, _ in KNOB_TABLES[: len(LIMIT_KNOBS)]) == LIMIT_KNOBS
 _LIMIT_TABLES = KNOB_TABLES[: len(LIMIT_KNOBS)]
@@ -96,6 +104,8 @@ class ObservationBuilder:
         # decision and are two logs, so they are not part of the key
         self._categorical_cache: dict[tuple[object, ...], list[float]] = {}
         self.nonfinite = 0  # readings replaced because they were NaN or infinite
+        self._card: object = None
+        self._card_values: list[float] = []
 
     def _knob_features(self, knobs: object) -> list[float]:
         limits = [knob_position(name, getattr(knobs, name)) / (len(values) - 1) for name, values in _LIMIT_TABLES]
@@ -112,6 +122,19 @@ class ObservationBuilder:
                     one_hot[int(pos)] = 1.0
                     categorical += one_hot
         return limits + categorical
+
+    def _card_features(self, card: dict[str, float | None], tpot_s: float) -> list[float]:
+        values = []
+        for kernel in ATTENTION_KERNELS:
+            ms = card.get(kernel)
+            if ms is None or ms == math.inf:  # the device cannot run this kernel (or not in memory)
+                values.append(1.0)
+            elif not (math.isfinite(ms) and ms > 0):
+                self.nonfinite += 1
+                values.append(0.0)
+            else:
+                values.append(min(1.0, max(-1.0, _log_ratio(ms / 1e3, tpot_s))))
+        return values
 
     def build(self, engine: Engine) -> np.ndarray:
         sched, tel, mem, slo = engine.scheduler, engine.telemetry, engine.memory_reading, engine.config.slo
@@ -146,7 +169,9 @@ class ObservationBuilder:
                 base[i] = lo
             elif v > hi:
                 base[i] = hi
+        if engine.card is not self._card:
+            self._card, self._card_values = engine.card, self._card_features(engine.card, slo.tpot_s)
         knobs = engine.knobs
         if knobs is not self._knobs:
             self._knobs, self._knob_values = knobs, self._knob_features(knobs)
-        return np.array(base + self._knob_values, dtype=np.float32)
+        return np.array(base + self._card_values + self._knob_values, dtype=np.float32)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import math
 import os
 import platform
 import time
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 
+from .card import reference_shape
 from .executor import Batch, Capacity, MemoryReading, StepResult, SwitchReport, kv_token_budget
 from .knobs import ALLOCATOR_MODES, Knobs, not_applicable
 from .model import SDPA_BACKENDS, DecoderLM, model_config, resolve_kernel, round_ctx, transient_bytes
@@ -654,6 +656,31 @@ class TorchExecutor:
             t0 = self._now()
             self._run_decode(batch, [context - 1] * batch)
             return self._since(t0), captured
+
+    def reference_decode_ms(self, attention: str) -> float:
+        """ms of the card probe's reference decode step (`engine.card`) with `attention`.
+
+        bf16, CUDA graphs where the device has them; the median of three after a warm-up
+        (and capture). The knobs in force are restored and the probe's costs not reported.
+        Out of memory (a tight cap), the step is infinitely slow: the kernel reads as one
+        that cannot run, and serving starts all the same.
+        """
+        saved = self._knobs
+        probe = saved.replace(attention=attention, precision="bf16", cuda_graphs=self._cuda, reclaim=False)
+        b, c = reference_shape(self.capacity)
+        self.apply_knobs(saved, probe)
+        try:
+            self.time_decode(b, c)
+            ms = sorted(self.time_decode(b, c)[0] for _ in range(3))[1]
+        except OOM_ERRORS:
+            ms = math.inf
+            self._drop_graphs()
+            if self._cuda:
+                torch.cuda.empty_cache()
+        finally:
+            self.apply_knobs(probe, saved)
+            self._pending.clear()
+        return ms
 
     def _check_bench(self, batch: int, length: int) -> None:
         if self._rids:

@@ -14,7 +14,7 @@ learned to shrink the batch to its floor and let the queue grow. With steps of e
 time, the discount is a discount in time, and stalling buys nothing.
 
 ## Observation space
-`Box(low, high, (33,), float32)`, built by `autoopt.engine.features.ObservationBuilder`
+`Box(low, high, (37,), float32)`, built by `autoopt.engine.features.ObservationBuilder`
 (the same builder the engine's embedded policy uses). Non-finite telemetry is replaced by
 the feature's neutral value and counted in ``info["nonfinite_obs"]``.
 
@@ -37,12 +37,13 @@ the feature's neutral value and counted in ``info["nonfinite_obs"]``.
 | 14 | recent_ooms | OOM events, moving average per iteration | [0, 1] |
 | 15 | recent_retries | allocator retries, moving average per iteration | [0, 1] |
 | 16 | oom_backoff | the scheduler's post-OOM shrink of the batch limits (1 = none) | [0, 1] |
-| 17-18 | knob_max_num_seqs, knob_max_batched_tokens | log(limit/low) / log(high/low), range 4-256 and 1024-32768 | [0, 1] |
-| 19-22 | knob_attention=flash/efficient/math/cudnn | one-hot | [0, 1] |
-| 23 | knob_cuda_graphs | 0/1 | [0, 1] |
-| 24-27 | knob_precision=bf16/fp16/fp32_tf32/fp32 | one-hot | [0, 1] |
-| 28-31 | knob_allocator=default/expandable/split128/gc08_split128 | one-hot | [0, 1] |
-| 32 | knob_reclaim | 0/1 (reclaim is one-shot, so 0 after it acts) | [0, 1] |
+| 17-20 | card_decode_flash/efficient/math/cudnn | the card's speed: a reference decode step (batch 64, context 512, bf16, graphs on CUDA) per kernel, timed when the engine starts / TPOT SLO, log2 ratio / 4; 1 where the device cannot run the kernel | [-1, 1] |
+| 21-22 | knob_max_num_seqs, knob_max_batched_tokens | log(limit/low) / log(high/low), range 4-256 and 1024-32768 | [0, 1] |
+| 23-26 | knob_attention=flash/efficient/math/cudnn | one-hot | [0, 1] |
+| 27 | knob_cuda_graphs | 0/1 | [0, 1] |
+| 28-31 | knob_precision=bf16/fp16/fp32_tf32/fp32 | one-hot | [0, 1] |
+| 32-35 | knob_allocator=default/expandable/split128/gc08_split128 | one-hot | [0, 1] |
+| 36 | knob_reclaim | 0/1 (reclaim is one-shot, so 0 after it acts) | [0, 1] |
 
 ## Action space
 `MultiDiscrete([7, 7, 4, 2, 4, 4, 2])` over the heads of `autoopt.engine.knob_space`:

@@ -308,3 +308,42 @@ def test_time_based_steps_cover_equal_engine_time_whatever_the_batch():
     assert abs(small_arrivals - big_arrivals) <= 0.1 * big_arrivals
     counted, _ = run(None, 0.5)  # by iteration count, a step lasts what 16 iterations last
     assert counted.std() > 0 and not (counted >= 0.05).all()
+
+
+def test_card_features_tell_two_cards_apart_at_the_same_load():
+    """Same trace, seed and knobs on the shared H100 profile and on the engine's own (2x
+    slower decode): only the card features differ at reset, and they rank the kernels as
+    each profile does (flash ahead of cuDNN on the first, behind it on the second)."""
+    names = list(InferenceTuningEnv(**SIM).feature_names)
+    card = [names.index(f"card_decode_{k}") for k in ("flash", "efficient", "math", "cudnn")]
+    obs = {}
+    for profile in ("h100-gpt2-small", "h100-gpt2-small-engine"):
+        env = InferenceTuningEnv(**SIM, profile=profile, slo_tpot_ms=20)
+        obs[profile], _ = env.reset(seed=3)
+    fast, slow = obs["h100-gpt2-small"], obs["h100-gpt2-small-engine"]
+    rest = [i for i in range(len(names)) if i not in card]
+    np.testing.assert_array_equal(fast[rest], slow[rest])
+    f = dict(zip(("flash", "efficient", "math", "cudnn"), fast[card], strict=True))
+    s = dict(zip(("flash", "efficient", "math", "cudnn"), slow[card], strict=True))
+    assert f["flash"] < f["cudnn"] and s["cudnn"] < s["flash"]
+    assert s["flash"] > f["flash"]  # the slower card's step is longer against the same SLO
+
+
+def test_card_features_on_the_live_cpu_engine_mark_cuda_only_kernels():
+    env = InferenceTuningEnv(**LIVE)
+    obs, _ = env.reset(seed=0)
+    names = list(env.feature_names)
+    card = env.engine.card
+    assert card["efficient"] is None and card["cudnn"] is None
+    assert card["flash"] > 0 and card["math"] > 0
+    assert obs[names.index("card_decode_cudnn")] == 1.0
+    assert -1.0 <= obs[names.index("card_decode_math")] < 1.0
+
+
+def test_a_nan_card_reading_is_neutral_and_counted():
+    env = InferenceTuningEnv(**SIM)
+    env.reset(seed=0)
+    env.engine.card = {**env.engine.card, "math": float("nan")}
+    obs, _, _, _, info = env.step(env.action_space.sample())
+    assert obs[list(env.feature_names).index("card_decode_math")] == 0.0
+    assert info["nonfinite_obs"] >= 1 and env.observation_space.contains(obs)

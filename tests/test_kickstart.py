@@ -9,7 +9,7 @@ import torch
 from autoopt.agents.aimd import AIMDTeacher
 from autoopt.agents.learned import LearnedPolicy
 from autoopt.engine.features import FEATURE_NAMES
-from autoopt.engine.knob_space import LIMIT_MOVES, knobs_to_action
+from autoopt.engine.knob_space import KNOB_NAMES, LIMIT_MOVES, knobs_to_action
 from autoopt.engine.knobs import Knobs
 from autoopt.engine.telemetry import SLO
 from autoopt.envs.scenario import Scenario
@@ -22,7 +22,7 @@ IT, OOM = FEATURE_NAMES.index("iteration_vs_tpot"), FEATURE_NAMES.index("recent_
 
 
 def test_teacher_steps_the_limits_down_on_a_miss_and_up_otherwise():
-    teacher = AIMDTeacher(BASE)
+    teacher = AIMDTeacher(BASE, pressure_allocator=None)  # the allocator's switch: tested below
     obs = np.zeros((3, len(FEATURE_NAMES)), np.float32)
     obs[:, FEATURE_NAMES.index("tokens_per_s")] = 0.5  # the engine is producing tokens
     obs[0, IT] = -0.2  # iterations under the TPOT SLO
@@ -33,6 +33,35 @@ def test_teacher_steps_the_limits_down_on_a_miss_and_up_otherwise():
     assert (acts[:, 1] == acts[:, 0]).all()
     assert (acts[:, 2:] == knobs_to_action(BASE)[2:]).all()  # the other knobs stay at the base
     assert (teacher.act(obs[1]) == acts[1]).all()
+
+
+def test_teacher_moves_to_expandable_segments_under_memory_pressure_and_stays():
+    teacher = AIMDTeacher(BASE)
+    alloc = KNOB_NAMES.index("allocator")
+    expandable = FEATURE_NAMES.index("knob_allocator=expandable")
+    obs = np.zeros((4, len(FEATURE_NAMES)), np.float32)
+    obs[:, FEATURE_NAMES.index("tokens_per_s")] = 0.5
+    obs[:, FEATURE_NAMES.index("memory_headroom")] = 0.5
+    obs[:, FEATURE_NAMES.index("knob_allocator=default")] = 1.0
+    obs[1, OOM] = 0.01  # an OOM a while ago
+    obs[2, FEATURE_NAMES.index("knob_allocator=default")], obs[2, expandable] = 0.0, 1.0  # switched before
+    obs[3, FEATURE_NAMES.index("memory_headroom")] = 0.02
+    acts = teacher.act(obs)
+    assert acts[:, alloc].tolist() == [0, 1, 1, 0]  # default, expandable, expandable, default
+    assert AIMDTeacher(BASE, pressure_headroom=0.05).act(obs)[3, alloc] == 1
+    assert (AIMDTeacher(BASE, pressure_allocator=None).act(obs)[:, alloc] == 0).all()
+
+
+def test_the_pressure_switch_cuts_the_teachers_ooms_at_a_tight_memory_cap():
+    s = Scenario("azure-conv", 16.0, 4.0, "h100-gpt2-small", 0.0, 60.0)
+    slo = SLO(0.5, 0.02)
+    ooms = {}
+    for alloc in (None, "expandable"):
+        policy = LearnedPolicy(AIMDTeacher(BASE, pressure_allocator=alloc), "cuda", name="teacher", decide_every_s=0.05)
+        report, series = run_policy(policy, s, slo, seed=0)
+        assert report["lost"] == 0
+        ooms[alloc] = report["ooms"]
+    assert ooms["expandable"] < ooms[None]
 
 
 def test_teacher_settles_the_batch_where_iterations_meet_the_tpot_slo():

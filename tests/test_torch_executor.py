@@ -317,3 +317,46 @@ def test_cpu_malloc_is_pinned_so_activations_do_not_refault() -> None:
         prefill(b, 511)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     assert faults < 12 * 500, f"{faults} page faults in 12 warm prefills"
+
+
+def test_reference_decode_probe_times_each_kernel_and_restores_the_knobs(ex: TorchExecutor) -> None:
+    before, capacity = ex.knobs, ex.capacity
+    ms = {kernel: ex.reference_decode_ms(kernel) for kernel in ("flash", "math")}
+    assert all(v > 0 for v in ms.values())
+    # the probe ran bf16 kernels, yet the executor is back on its own fp32/math knobs
+    assert ex.knobs == before and ex.capacity == capacity
+    assert ex.take_pending_switch_ms() == {}
+    res = step(ex, reqs([5, 9]), [])
+    assert not res.oom and set(ex.slots) == {0, 1}
+
+
+def test_reference_decode_probe_refuses_an_executor_that_is_serving(ex: TorchExecutor) -> None:
+    step(ex, reqs([5]), [])
+    with pytest.raises(RuntimeError, match="no running sequences"):
+        ex.reference_decode_ms("math")
+    assert ex.knobs == FP32 and set(ex.slots) == {0}
+
+
+def test_reference_decode_probe_out_of_memory_reads_as_a_kernel_that_cannot_run(ex: TorchExecutor) -> None:
+    """A tight cap can leave no room for the probe's batch: the engine still starts, the
+    kernel is marked as one that cannot run, and the knobs are back as they were."""
+    from autoopt.engine.engine import Engine
+    from autoopt.engine.features import FEATURE_NAMES, ObservationBuilder
+    from autoopt.engine.torch_executor import OOM_ERRORS
+
+    real = ex.time_decode
+
+    def out_of_memory_with_math(batch: int, context: int):
+        if ex.knobs.attention == "math":
+            raise OOM_ERRORS[0]("probe batch does not fit")
+        return real(batch, context)
+
+    ex.time_decode = out_of_memory_with_math  # the allocator's answer under a tight cap
+    engine = Engine(ex, reqs([5, 9, 3]), FP32)
+    assert engine.card["math"] == float("inf") and engine.card["flash"] > 0
+    obs = ObservationBuilder().build(engine)
+    assert obs[FEATURE_NAMES.index("card_decode_math")] == 1.0
+    assert ex.knobs == FP32
+    while engine.step() is not None:
+        pass
+    assert engine.counts()["completed"] == 3
