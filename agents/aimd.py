@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..engine.features import FEATURE_NAMES
-from ..engine.knob_space import ACTION_TABLES, KNOB_NAMES, LIMIT_KNOBS, LIMIT_MOVES, knobs_to_action
+from ..engine.knob_space import ACTION_TABLES, KNOB_NAMES, LIMIT_KNOBS, LIMIT_MOVES, head_slices, knobs_to_action
 from ..engine.knobs import Knobs
 
 if TYPE_CHECKING:
@@ -90,13 +90,14 @@ class AIMDTeacher:
         # almost no batch under pressure where the default allocator lost several.
         self._headroom = FEATURE_NAMES.index("memory_headroom")
         self.pressure_headroom = pressure_headroom
+        # (head, entry, its flat mask index, its in-force feature); 0 headroom: OOMs alone
         self._allocator = None
         if pressure_allocator is not None:
-            name = "allocator"
+            head = KNOB_NAMES.index("allocator")
+            entry = ACTION_TABLES[head][1].index(pressure_allocator)
             self._allocator = (
-                KNOB_NAMES.index(name),
-                ACTION_TABLES[KNOB_NAMES.index(name)][1].index(pressure_allocator),
-                FEATURE_NAMES.index(f"knob_{name}={pressure_allocator}"),
+                head, entry, head_slices()[head].start + entry,
+                FEATURE_NAMES.index(f"knob_allocator={pressure_allocator}"),
             )
         # where each categorical knob in force sits in the observation (one-hot or 0/1)
         self._in_force = [
@@ -114,13 +115,15 @@ class AIMDTeacher:
         for h in self.limit_heads:
             actions[:, h] = np.where(miss, self.down, self.up)
         if self._allocator is not None:
-            head, value, in_force = self._allocator
+            head, entry, flat, in_force = self._allocator
             pressure = (
                 (batch[:, self._ooms] > 0.0)
                 | (batch[:, self._headroom] < self.pressure_headroom)
                 | (batch[:, in_force] > 0.5)
             )
-            actions[pressure, head] = value
+            if mask is not None:  # a device without it (a CPU) keeps the base allocator
+                pressure &= np.atleast_2d(mask)[:, flat].astype(bool)
+            actions[pressure, head] = entry
         # Before the engine has produced a token the observation says nothing about the
         # card: keep the knobs in force rather than switch on a guess.
         fresh = batch[:, self._tokens_per_s] <= 0.0

@@ -6,11 +6,15 @@ knobs of the wrong card (on a fast card it switched to the kernel that is best o
 one, mid-burst). So the engine times one reference decode step per attention kernel
 before serving, and the observation carries those times against the TPOT SLO.
 
-The reference step is a decode of `REFERENCE_DECODE` (batch, context), clipped to the
-executor's capacity, in bf16, replayed from a CUDA graph where the device has them: the
-shape at which the kernels' ranking shows (at small batches every kernel is launch-bound).
-The live executor measures it (`TorchExecutor.reference_decode_ms`); the simulator reads
-its profile's prediction for the same step, which calibration measured the same way.
+The reference step is a decode of `REFERENCE_DECODE` (batch, context) in bf16, replayed
+from a CUDA graph where the device has them: the shape at which the kernels' ranking shows
+(at small batches every kernel is launch-bound). An executor with fewer KV slots or a
+shorter context probes the largest step it holds, which reads as a faster card: train with
+the `max_slots` you serve with (the environment's default, 256, holds the full shape).
+The live executor measures the step on an idle executor, before serving
+(`TorchExecutor.reference_decode_ms`); the simulator reads its profile's prediction for
+the same step (measured by `autoopt calibrate` the same way, or extrapolated by the
+latency model where the profile has no such rows).
 """
 
 from __future__ import annotations

@@ -93,6 +93,7 @@ class Engine:
         # policy's observation tells the card's speed from the load with it (engine.card)
         self.card: dict[str, float | None] = probe_card(executor)
         self.memory_reading: MemoryReading = executor.memory(full=True)
+        self.telemetry.count_retries_from(self.memory_reading.retries)  # not the probe's
         self.set_knobs(knobs or Knobs())
 
     # -- knobs ------------------------------------------------------------------------

@@ -104,8 +104,9 @@ class ObservationBuilder:
         # decision and are two logs, so they are not part of the key
         self._categorical_cache: dict[tuple[object, ...], list[float]] = {}
         self.nonfinite = 0  # readings replaced because they were NaN or infinite
-        self._card: object = None
+        self._card: tuple[object, float] | None = None  # (engine.card, TPOT SLO) of _card_values
         self._card_values: list[float] = []
+        self._card_nonfinite = 0
 
     def _knob_features(self, knobs: object) -> list[float]:
         limits = [knob_position(name, getattr(knobs, name)) / (len(values) - 1) for name, values in _LIMIT_TABLES]
@@ -123,18 +124,19 @@ class ObservationBuilder:
                     categorical += one_hot
         return limits + categorical
 
-    def _card_features(self, card: dict[str, float | None], tpot_s: float) -> list[float]:
-        values = []
+    def _card_features(self, card: dict[str, float | None], tpot_s: float) -> tuple[list[float], int]:
+        """The card features and how many readings were not usable (NaN, <= 0)."""
+        values, bad = [], 0
         for kernel in ATTENTION_KERNELS:
             ms = card.get(kernel)
             if ms is None or ms == math.inf:  # the device cannot run this kernel (or not in memory)
                 values.append(1.0)
             elif not (math.isfinite(ms) and ms > 0):
-                self.nonfinite += 1
+                bad += 1
                 values.append(0.0)
             else:
                 values.append(min(1.0, max(-1.0, _log_ratio(ms / 1e3, tpot_s))))
-        return values
+        return values, bad
 
     def build(self, engine: Engine) -> np.ndarray:
         sched, tel, mem, slo = engine.scheduler, engine.telemetry, engine.memory_reading, engine.config.slo
@@ -169,8 +171,12 @@ class ObservationBuilder:
                 base[i] = lo
             elif v > hi:
                 base[i] = hi
-        if engine.card is not self._card:
-            self._card, self._card_values = engine.card, self._card_features(engine.card, slo.tpot_s)
+        card = self._card
+        if card is None or card[0] is not engine.card or card[1] != slo.tpot_s:
+            self._card = (engine.card, slo.tpot_s)
+            self._card_values, self._card_nonfinite = self._card_features(engine.card, slo.tpot_s)
+        # counted at every build, as the base features are: the guard falls back while any is bad
+        self.nonfinite += self._card_nonfinite
         knobs = engine.knobs
         if knobs is not self._knobs:
             self._knobs, self._knob_values = knobs, self._knob_features(knobs)

@@ -95,6 +95,10 @@ class Telemetry:
         self.tokens_per_s += a_s * (tokens / dt - self.tokens_per_s)
         self.busy_frac += a_s * (min(1.0, busy_s / dt) - self.busy_frac)
 
+    def count_retries_from(self, retries_total: int) -> None:
+        """Count allocator retries from this cumulative reading on (set-up work is not load)."""
+        self._last_retries = retries_total
+
     def on_iteration(self, oom: bool, retries_total: int, ms: float = 0.0) -> None:
         """Per-iteration moving averages of OOMs, allocator retries and iteration time (the
         batch latency every running request sees now, where TPOT reports it only as requests

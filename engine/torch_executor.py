@@ -661,25 +661,29 @@ class TorchExecutor:
         """ms of the card probe's reference decode step (`engine.card`) with `attention`.
 
         bf16, CUDA graphs where the device has them; the median of three after a warm-up
-        (and capture). The knobs in force are restored and the probe's costs not reported.
-        Out of memory (a tight cap), the step is infinitely slow: the kernel reads as one
-        that cannot run, and serving starts all the same.
+        (and capture). Only an idle executor can be probed (the precision switch would
+        recast running sequences' KV). Afterwards the knobs in force are back, the probe's
+        graphs and cached blocks are freed, and its switch costs are not reported. Out of
+        memory (a tight cap), the step is infinitely slow: the kernel reads as one that
+        cannot run, and serving starts all the same.
         """
-        saved = self._knobs
+        if self._rids:
+            raise RuntimeError("the card probe needs an executor with no running sequences")
+        saved, pending = self._knobs, dict(self._pending)
         probe = saved.replace(attention=attention, precision="bf16", cuda_graphs=self._cuda, reclaim=False)
         b, c = reference_shape(self.capacity)
-        self.apply_knobs(saved, probe)
         try:
+            self.apply_knobs(saved, probe)
             self.time_decode(b, c)
             ms = sorted(self.time_decode(b, c)[0] for _ in range(3))[1]
         except OOM_ERRORS:
             ms = math.inf
+        finally:
             self._drop_graphs()
+            self.apply_knobs(probe, saved)
             if self._cuda:
                 torch.cuda.empty_cache()
-        finally:
-            self.apply_knobs(probe, saved)
-            self._pending.clear()
+            self._pending = pending
         return ms
 
     def _check_bench(self, batch: int, length: int) -> None:

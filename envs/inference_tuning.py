@@ -37,7 +37,7 @@ the feature's neutral value and counted in ``info["nonfinite_obs"]``.
 | 14 | recent_ooms | OOM events, moving average per iteration | [0, 1] |
 | 15 | recent_retries | allocator retries, moving average per iteration | [0, 1] |
 | 16 | oom_backoff | the scheduler's post-OOM shrink of the batch limits (1 = none) | [0, 1] |
-| 17-20 | card_decode_flash/efficient/math/cudnn | the card's speed: a reference decode step (batch 64, context 512, bf16, graphs on CUDA) per kernel, timed when the engine starts / TPOT SLO, log2 ratio / 4; 1 where the device cannot run the kernel | [-1, 1] |
+| 17-20 | card_decode_flash/efficient/math/cudnn | the card's speed: a reference decode step (batch 64, context 512, bf16, graphs on CUDA; `engine/card.py`) per kernel, timed when the engine starts / TPOT SLO, log2 ratio / 4; 1 where the device cannot run the kernel | [-1, 1] |
 | 21-22 | knob_max_num_seqs, knob_max_batched_tokens | log(limit/low) / log(high/low), range 4-256 and 1024-32768 | [0, 1] |
 | 23-26 | knob_attention=flash/efficient/math/cudnn | one-hot | [0, 1] |
 | 27 | knob_cuda_graphs | 0/1 | [0, 1] |

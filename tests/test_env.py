@@ -346,4 +346,7 @@ def test_a_nan_card_reading_is_neutral_and_counted():
     env.engine.card = {**env.engine.card, "math": float("nan")}
     obs, _, _, _, info = env.step(env.action_space.sample())
     assert obs[list(env.feature_names).index("card_decode_math")] == 0.0
-    assert info["nonfinite_obs"] >= 1 and env.observation_space.contains(obs)
+    assert info["nonfinite_obs"] == 1 and env.observation_space.contains(obs)
+    # counted at every observation, not once: the guard falls back while it lasts
+    _, _, _, _, info = env.step(env.action_space.sample())
+    assert info["nonfinite_obs"] == 2

@@ -9,7 +9,7 @@ import torch
 from autoopt.agents.aimd import AIMDTeacher
 from autoopt.agents.learned import LearnedPolicy
 from autoopt.engine.features import FEATURE_NAMES
-from autoopt.engine.knob_space import KNOB_NAMES, LIMIT_MOVES, knobs_to_action
+from autoopt.engine.knob_space import KNOB_NAMES, LIMIT_MOVES, action_mask, knobs_to_action
 from autoopt.engine.knobs import Knobs
 from autoopt.engine.telemetry import SLO
 from autoopt.envs.scenario import Scenario
@@ -50,6 +50,8 @@ def test_teacher_moves_to_expandable_segments_under_memory_pressure_and_stays():
     assert acts[:, alloc].tolist() == [0, 1, 1, 0]  # default, expandable, expandable, default
     assert AIMDTeacher(BASE, pressure_headroom=0.05).act(obs)[3, alloc] == 1
     assert (AIMDTeacher(BASE, pressure_allocator=None).act(obs)[:, alloc] == 0).all()
+    cpu = np.tile(action_mask("cpu"), (4, 1))  # a device without expandable segments keeps the base
+    assert (teacher.act(obs, cpu)[:, alloc] == 0).all()
 
 
 def test_the_pressure_switch_cuts_the_teachers_ooms_at_a_tight_memory_cap():

@@ -32,8 +32,8 @@ class ProfileTeachers:
             raise ValueError("at least one teacher")
         self.teachers = teachers
 
-    def act(self, obs: np.ndarray, profiles: list[str]) -> np.ndarray:
-        return np.stack([self.teachers[p].act(o) for o, p in zip(obs, profiles, strict=True)])
+    def act(self, obs: np.ndarray, profiles: list[str], masks: np.ndarray) -> np.ndarray:
+        return np.stack([self.teachers[p].act(o, m) for o, p, m in zip(obs, profiles, masks, strict=True)])
 
 
 def collect(venv: Any, teacher: Any, steps: int) -> dict[str, np.ndarray]:
@@ -49,7 +49,7 @@ def collect(venv: Any, teacher: Any, steps: int) -> dict[str, np.ndarray]:
         raw = venv.get_original_obs()
         mask = get_action_masks(venv)
         profiles.append([sc.profile for sc in venv.get_attr("scenario")])
-        action = teacher.act(raw, profiles[-1]) if isinstance(teacher, ProfileTeachers) else teacher.act(raw)
+        action = teacher.act(raw, profiles[-1], mask) if isinstance(teacher, ProfileTeachers) else teacher.act(raw, mask)
         _, _, done, _ = venv.step(action)
         obs.append(raw)
         acts.append(action)
