@@ -19,22 +19,11 @@ latency model where the profile has no such rows).
 
 from __future__ import annotations
 
-from typing import Protocol
-
-from .executor import Capacity
+from .executor import Capacity, Executor
 from .knob_space import value_allowed
 from .knobs import ATTENTION_KERNELS
 
 REFERENCE_DECODE = (64, 512)
-
-
-class ProbedExecutor(Protocol):
-    device_type: str
-    capacity: Capacity
-
-    def reference_decode_ms(self, attention: str) -> float:
-        """ms of the reference decode step with this kernel (the knobs in force are kept)."""
-        ...
 
 
 def reference_shape(capacity: Capacity) -> tuple[int, int]:
@@ -43,7 +32,7 @@ def reference_shape(capacity: Capacity) -> tuple[int, int]:
     return max(1, min(batch, capacity.max_slots)), max(1, min(context, capacity.max_context))
 
 
-def probe_card(executor: ProbedExecutor) -> dict[str, float | None]:
+def probe_card(executor: Executor) -> dict[str, float | None]:
     """ms of the reference decode step per attention kernel (None: the device cannot run it)."""
     return {
         kernel: float(executor.reference_decode_ms(kernel)) if value_allowed("attention", kernel, executor.device_type)

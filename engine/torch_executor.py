@@ -667,11 +667,10 @@ class TorchExecutor:
         memory (a tight cap), the step is infinitely slow: the kernel reads as one that
         cannot run, and serving starts all the same.
         """
-        if self._rids:
-            raise RuntimeError("the card probe needs an executor with no running sequences")
+        b, c = reference_shape(self.capacity)
+        self._check_bench(b, c)  # before any switch
         saved, pending = self._knobs, dict(self._pending)
         probe = saved.replace(attention=attention, precision="bf16", cuda_graphs=self._cuda, reclaim=False)
-        b, c = reference_shape(self.capacity)
         try:
             self.apply_knobs(saved, probe)
             self.time_decode(b, c)
