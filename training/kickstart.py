@@ -11,9 +11,9 @@ kickstarting (Schmitt et al., 2018) and DQfD-style pre-training do.
 
 The teacher may be privileged: `ProfileTeachers` gives each profile of the card its own
 teacher (AIMD over that profile's best-static knobs), which it knows from the episode's
-scenario. The student sees only the observation, so it must learn to tell the profiles
-apart from what they do (how long an iteration of a given batch takes), as a policy on
-a real card must.
+scenario. The student sees only the observation: it tells the profiles apart by the card
+features (`engine/card.py`, a reference decode step per kernel timed when the engine
+starts), as a policy on a real card must.
 """
 
 from __future__ import annotations
