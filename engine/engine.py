@@ -54,6 +54,9 @@ class EngineConfig:
     full_stats_every: int = 16  # iterations between reads of the allocator's full counters
     max_tries: int = 3
     queue_timeout_s: float | None = None  # reject requests that waited longer (None: never)
+    # time the card before serving (engine.card); only a policy's observation reads it, so a
+    # replay with fixed knobs skips it (a few decode steps and graph captures on a GPU)
+    probe_card: bool = True
 
     def __post_init__(self) -> None:
         if self.clock not in CLOCKS:
@@ -91,7 +94,7 @@ class Engine:
         self._pending_switch_ms = 0.0
         # ms of a reference decode step per attention kernel, timed before serving: the
         # policy's observation tells the card's speed from the load with it (engine.card)
-        self.card: dict[str, float | None] = probe_card(executor)
+        self.card: dict[str, float | None] | None = probe_card(executor) if self.config.probe_card else None
         self.memory_reading: MemoryReading = executor.memory(full=True)
         self.telemetry.count_retries_from(self.memory_reading.retries)  # not the probe's
         self.set_knobs(knobs or Knobs())

@@ -89,7 +89,10 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
         trace.to_requests(),
         knobs,
         EngineConfig(
-            slo=SLO(args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3), clock=args.clock, queue_timeout_s=args.queue_timeout_s
+            slo=SLO(args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3),
+            clock=args.clock,
+            queue_timeout_s=args.queue_timeout_s,
+            probe_card=controller is not None,  # fixed knobs observe nothing
         ),
         controller=controller,
     )
@@ -106,6 +109,11 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
             "backend": args.backend,
             "model": args.model if args.backend == "live" else None,
             "seed": args.seed,
+            # ms of the reference decode step per kernel the policy saw (None: not probed;
+            # "inf": out of memory), strict JSON
+            "card_ms": None
+            if engine.card is None
+            else {k: v if v is None or math.isfinite(v) else str(v) for k, v in engine.card.items()},
         }
     )
     if controller is not None:

@@ -14,7 +14,8 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import autoopt  # noqa: F401  (registers the id)
 from autoopt.calibration.profile import ProfileError
-from autoopt.engine.knobs import KnobError
+from autoopt.engine.knobs import KnobError, Knobs
+from autoopt.engine.request import Request
 from autoopt.engine.traces import TraceError
 from autoopt.envs import ENV_ID
 from autoopt.envs.inference_tuning import InferenceTuningEnv
@@ -350,3 +351,34 @@ def test_a_nan_card_reading_is_neutral_and_counted():
     # counted at every observation, not once: the guard falls back while it lasts
     _, _, _, _, info = env.step(env.action_space.sample())
     assert info["nonfinite_obs"] == 2
+
+
+def test_an_engine_built_without_the_card_probe_skips_it_and_refuses_to_be_observed():
+    """A fixed-knob replay does not time the card; reading its observation is an error, not
+    a made-up card (every kernel would read as one the device cannot run)."""
+    from autoopt.calibration.sim_executor import SimExecutor
+    from autoopt.engine.engine import Engine, EngineConfig
+    from autoopt.engine.features import ObservationBuilder
+
+    class CountingSim(SimExecutor):
+        probes = 0
+
+        def reference_decode_ms(self, attention: str) -> float:
+            CountingSim.probes += 1
+            return super().reference_decode_ms(attention)
+
+    requests = [Request(rid=i, arrival_s=0.01 * i, prompt_len=64, output_len=8) for i in range(20)]
+    probed = Engine(CountingSim("cpu-tiny", max_slots=64), requests, Knobs(attention="math", precision="fp32"))
+    assert CountingSim.probes > 0 and probed.card["math"] > 0
+    CountingSim.probes = 0
+    engine = Engine(
+        CountingSim("cpu-tiny", max_slots=64),
+        requests,
+        Knobs(attention="math", precision="fp32"),
+        EngineConfig(probe_card=False),
+    )
+    assert CountingSim.probes == 0 and engine.card is None
+    report = engine.run()
+    assert report["completed"] == len(requests)
+    with pytest.raises(RuntimeError, match="probe_card"):
+        ObservationBuilder().build(engine)

@@ -107,6 +107,9 @@ def test_replay_cli_with_the_shipped_policy(tmp_path):
     assert report["arrived"] == report["completed"] + report["queued"] + report["running"] + report["rejected"]
     assert report["knobs"]["cuda_graphs"] is False  # the CPU masks held
     assert "fallbacks" in report
+    # the policy read the card: the CPU runs math and flash, not the CUDA-only kernels
+    card = report["card_ms"]
+    assert card["math"] > 0 and card["flash"] > 0 and card["cudnn"] is None
 
 
 def test_shipped_policy_loads_and_matches_the_engine_layout():
