@@ -91,8 +91,15 @@ class SimExecutor:
         memory_cap_bytes: int | None = None,
         seed: int = 0,
         noise: bool = False,
+        time_scale: float = 1.0,
     ) -> None:
+        if not (math.isfinite(time_scale) and time_scale > 0):
+            raise ValueError(f"time_scale must be a positive number, got {time_scale!r}")
         self.profile = cached_profile(profile) if isinstance(profile, str) else profile
+        # every iteration (and the card probe's reference step) takes the profile's time x
+        # this: a card that much slower (> 1) or faster (< 1) than the one calibrated, for
+        # training a policy across card speeds and judging it on cards it has not seen
+        self.time_scale = float(time_scale)
         self.device_type = self.profile.device["type"]
         self._cuda = self.device_type == "cuda"
         self.latency = self.profile.latency()
@@ -208,7 +215,7 @@ class SimExecutor:
         ms = self._cache.get(key)
         if ms is None:
             ms = self._cache[key] = float(self.latency.decode_ms(b, c, attention, "bf16", self._cuda))
-        return ms
+        return ms * self.time_scale
 
     # -- execution --------------------------------------------------------------------
     def iteration_ms(
@@ -256,6 +263,8 @@ class SimExecutor:
                     dec += self._cold_ms(pre_tokens or self._after_prefill)
             ms += dec
         self._after_prefill = pre_tokens
+        if self.time_scale != 1.0:
+            ms *= self.time_scale
         if self.noise:
             qs = self._noise_q["prefill" if prefill else "decode"]
             if qs:

@@ -101,7 +101,10 @@ clock from the profile, for reproducible live episodes.
 ## Randomisation
 At each reset the env's seeded generator draws the trace (`randomize["traces"]`), the
 load scale (`randomize["load_scale"]`: [low, high]), the memory cap in GiB
-(`randomize["memory_cap_gib"]`), the profile (`randomize["profiles"]`, sim only), a
+(`randomize["memory_cap_gib"]`), the profile (`randomize["profiles"]`, sim only), the
+card's speed (`randomize["time_scale"]`: [low, high], log-uniform, sim only: every
+iteration takes the profile's time x the draw, a card slower or faster than calibrated; the
+drawn load is divided by it, so each card sees loads around its own knee), a
 window start inside the trace and, with `randomize["initial_limits"]: true`, the batch
 limits the episode starts from (log-uniform within their bounds), so that a policy
 learns to reach a good limit from anywhere, as it must from a user's own setting. The same seed and actions give the same trajectory (sim).
@@ -200,6 +203,8 @@ class InferenceTuningEnv(gym.Env):
 
             for name in [profile, *self.randomize.get("profiles", [])]:
                 load_profile(name)
+        elif "time_scale" in self.randomize:
+            raise ValueError("randomize['time_scale'] applies to the simulator only: a live card runs at its own speed")
         self.features = ObservationBuilder()
         self.observation_space = spaces.Box(LOW, HIGH, dtype=np.float32)
         self.action_space = spaces.MultiDiscrete(np.array(ACTION_DIMS, dtype=np.int64))
@@ -216,9 +221,14 @@ class InferenceTuningEnv(gym.Env):
         scale = float(rng.uniform(*r["load_scale"])) if "load_scale" in r else self.base["load_scale"]
         cap = float(rng.uniform(*r["memory_cap_gib"])) if "memory_cap_gib" in r else self.base["memory_cap_gib"]
         profile = r["profiles"][rng.integers(len(r["profiles"]))] if r.get("profiles") else self.base["profile"]
+        time_scale = 1.0
+        if "time_scale" in r:  # drawn only when asked, so other configs keep their streams
+            lo, hi = r["time_scale"]
+            time_scale = float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+            scale /= time_scale  # a card k times slower saturates at 1/k of the load
         span = cached_trace(trace).duration_s / scale
         start = float(rng.uniform(0.0, max(0.0, span - self.window_s)))
-        return Scenario(trace, scale, cap, profile, start, self.window_s)
+        return Scenario(trace, scale, cap, profile, start, self.window_s, time_scale=time_scale)
 
     def _build_engine(self, scenario: Scenario, seed: int) -> Engine:
         executor = build_executor(
@@ -314,11 +324,11 @@ class InferenceTuningEnv(gym.Env):
 
 
 def _check_randomize(r: dict[str, Any]) -> dict[str, Any]:
-    known = {"traces", "load_scale", "memory_cap_gib", "profiles", "initial_limits"}
+    known = {"traces", "load_scale", "memory_cap_gib", "profiles", "time_scale", "initial_limits"}
     unknown = set(r) - known
     if unknown:
         raise ValueError(f"unknown randomize key(s) {sorted(unknown)}; known: {sorted(known)}")
-    for key in ("load_scale", "memory_cap_gib"):
+    for key in ("load_scale", "memory_cap_gib", "time_scale"):
         if key in r:
             lo, hi = r[key]
             if not (0 < lo <= hi and math.isfinite(hi)):

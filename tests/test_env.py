@@ -382,3 +382,27 @@ def test_an_engine_built_without_the_card_probe_skips_it_and_refuses_to_be_obser
     assert report["completed"] == len(requests)
     with pytest.raises(RuntimeError, match="probe_card"):
         ObservationBuilder().build(engine)
+
+
+def test_a_randomized_card_speed_is_drawn_in_range_reproducibly_and_slows_the_engine():
+    from autoopt.envs.scenario import Scenario, build_executor
+
+    env = InferenceTuningEnv(**SIM, randomize={"time_scale": [0.5, 2.0]})
+    draws = []
+    for seed in range(8):
+        env.reset(seed=seed)
+        draws.append(env.scenario.time_scale)
+        assert env.engine.executor.time_scale == env.scenario.time_scale
+        assert abs(env.scenario.load_scale * env.scenario.time_scale - SIM["load_scale"]) < 1e-9  # its own knee
+    assert all(0.5 <= x <= 2.0 for x in draws) and min(draws) < 0.9 and max(draws) > 1.1
+    env.reset(seed=3)
+    assert env.scenario.time_scale == draws[3]  # the same seed, the same card
+    # the card as calibrated keeps the scenario's dict (and the caches keyed on it) as before
+    s = Scenario("azure-conv", 10.0, 4.0)
+    assert "time_scale" not in s.to_dict() and Scenario("azure-conv", time_scale=2.0).to_dict()["time_scale"] == 2.0
+    with pytest.raises(ValueError, match="simulator only"):
+        build_executor(Scenario("azure-conv", time_scale=2.0), "live")
+    with pytest.raises(ValueError, match="time_scale"):
+        InferenceTuningEnv(**SIM, randomize={"time_scale": [0.0, 2.0]})
+    with pytest.raises(ValueError, match="simulator only"):
+        InferenceTuningEnv(**LIVE, randomize={"time_scale": [0.5, 2.0]})

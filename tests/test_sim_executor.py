@@ -252,3 +252,23 @@ def test_the_cold_extra_follows_the_prefill_size_and_old_profiles_keep_their_fac
     assert old.iteration_ms(decode) == pytest.approx(warm * 1.3)
     h100 = SimExecutor(H100)  # loads; no per-size table there
     assert h100._cold_points is None
+
+
+def test_time_scale_runs_the_card_slower_and_the_probe_sees_it():
+    """time_scale=2 doubles every iteration and the card probe's reference step, on shared
+    memos (a scaled executor must not leave scaled values for an unscaled one)."""
+    times: dict[float, list[tuple[float, float, float]]] = {}
+    for scale in (1.0, 2.0, 1.0):
+        reqs = [Request(i, 0.0, 200 + 10 * i, 8) for i in range(4)]
+        ex = SimExecutor(H100, max_slots=64, time_scale=scale)
+        ex.apply_knobs(None, Knobs(cuda_graphs=False))
+        prefill = ex.execute(Batch(reqs, [], sum(r.prompt_len for r in reqs), 0)).ms
+        for r in reqs:
+            r.generated = 1  # what the scheduler does after the prefill
+        decode = ex.execute(Batch([], reqs, 0, sum(r.context_len for r in reqs))).ms
+        times.setdefault(scale, []).append((prefill, decode, ex.reference_decode_ms("flash")))
+    (base, again), (slow,) = times[1.0], times[2.0]
+    assert base == again
+    assert all(abs(s - 2 * b) < 1e-9 for s, b in zip(slow, base, strict=True)) and base[0] > 0
+    with pytest.raises(ValueError, match="time_scale"):
+        SimExecutor(H100, time_scale=0.0)

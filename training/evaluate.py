@@ -206,6 +206,11 @@ def evaluate_main(argv: list[str]) -> int:
     p.add_argument("--duration", type=float, default=120.0)
     p.add_argument("--slo-ttft-ms", type=float, default=None)
     p.add_argument("--slo-tpot-ms", type=float, default=None)
+    p.add_argument(
+        "--time-scale", type=float, default=1.0,
+        help="sim: run the profile's card this many times slower (> 1) or faster (< 1), a card no policy "
+        "was trained on; search best-static on it with --best-static-on eval",
+    )
     p.add_argument("--best-static-on", choices=("train", "eval"), default="train")
     p.add_argument("--backend", choices=("sim", "live"), default="sim")
     p.add_argument("--seed", type=int, default=0)
@@ -226,9 +231,16 @@ def evaluate_main(argv: list[str]) -> int:
         except ValueError:
             p.error("--scenario takes TRACE LOAD CAP_GIB, with LOAD and CAP_GIB numbers")
     scenarios = [
-        Scenario(trace=t, load_scale=x, memory_cap_gib=c or None, profile=a.profile, start_s=a.start, duration_s=a.duration)
+        Scenario(
+            trace=t, load_scale=x, memory_cap_gib=c or None, profile=a.profile, start_s=a.start,
+            duration_s=a.duration, time_scale=a.time_scale,
+        )
         for t, x, c in grid
     ]
+    if a.time_scale != 1.0 and a.backend != "sim":
+        p.error("--time-scale applies to the simulator (--backend sim) only")
+    if not (math.isfinite(a.time_scale) and a.time_scale > 0):
+        p.error("--time-scale must be a positive number")
     search = training_scenarios(env_kwargs) if a.best_static_on == "train" and env_kwargs else None
     baselines = [b for b in a.baselines.split(",") if b]
     report = evaluate(scenarios, slo, learned, baselines, a.seed, search, backend=a.backend)
