@@ -54,8 +54,9 @@ class EngineConfig:
     full_stats_every: int = 16  # iterations between reads of the allocator's full counters
     max_tries: int = 3
     queue_timeout_s: float | None = None  # reject requests that waited longer (None: never)
-    # time the card before serving (engine.card); only a policy's observation reads it, so a
-    # replay with fixed knobs skips it (a few decode steps and graph captures on a GPU)
+    # time the card before serving (engine.card). Only a policy's observation reads it: an
+    # engine that no policy or environment observes may skip it (a few decode steps and graph
+    # captures on a GPU; they also warm the device up, so `autoopt replay` always probes)
     probe_card: bool = True
 
     def __post_init__(self) -> None:

@@ -139,6 +139,8 @@ class ObservationBuilder:
         return values, bad
 
     def build(self, engine: Engine) -> np.ndarray:
+        if engine.card is None:
+            raise RuntimeError("the engine did not probe the card (EngineConfig.probe_card=False): nothing to observe")
         sched, tel, mem, slo = engine.scheduler, engine.telemetry, engine.memory_reading, engine.config.slo
         waiting = sched.waiting
         head_wait = engine.now_s - waiting[0].arrival_s if waiting else 0.0
@@ -172,8 +174,6 @@ class ObservationBuilder:
             elif v > hi:
                 base[i] = hi
         card = self._card
-        if engine.card is None:
-            raise RuntimeError("the engine did not probe the card (EngineConfig.probe_card=False): nothing to observe")
         if card is None or card[0] is not engine.card or card[1] != slo.tpot_s:
             self._card = (engine.card, slo.tpot_s)
             self._card_values, self._card_nonfinite = self._card_features(engine.card, slo.tpot_s)

@@ -92,7 +92,6 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
             slo=SLO(args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3),
             clock=args.clock,
             queue_timeout_s=args.queue_timeout_s,
-            probe_card=controller is not None,  # fixed knobs observe nothing
         ),
         controller=controller,
     )
@@ -109,8 +108,9 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
             "backend": args.backend,
             "model": args.model if args.backend == "live" else None,
             "seed": args.seed,
-            # ms of the reference decode step per kernel the policy saw (None: not probed;
-            # "inf": out of memory), strict JSON
+            # ms of the reference decode step per kernel ("inf": out of memory), strict JSON.
+            # Probed with fixed knobs too: the probe warms the device up, and a static and a
+            # policy replay compared with this command must start alike
             "card_ms": None
             if engine.card is None
             else {k: v if v is None or math.isfinite(v) else str(v) for k, v in engine.card.items()},

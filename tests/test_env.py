@@ -388,13 +388,15 @@ def test_a_randomized_card_speed_is_drawn_in_range_reproducibly_and_slows_the_en
     from autoopt.envs.scenario import Scenario, build_executor
 
     env = InferenceTuningEnv(**SIM, randomize={"time_scale": [0.5, 2.0]})
-    draws = []
+    draws, calibrated = [], set()
     for seed in range(8):
         env.reset(seed=seed)
         draws.append(env.scenario.time_scale)
-        assert env.engine.executor.time_scale == env.scenario.time_scale
+        # the card probe reads the slower card: its reference step over the draw is the profile's
+        calibrated.add(round(env.engine.card["flash"] / env.scenario.time_scale, 9))
         assert abs(env.scenario.load_scale * env.scenario.time_scale - SIM["load_scale"]) < 1e-9  # its own knee
     assert all(0.5 <= x <= 2.0 for x in draws) and min(draws) < 0.9 and max(draws) > 1.1
+    assert len(calibrated) == 1
     env.reset(seed=3)
     assert env.scenario.time_scale == draws[3]  # the same seed, the same card
     # the card as calibrated keeps the scenario's dict (and the caches keyed on it) as before

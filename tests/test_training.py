@@ -130,3 +130,26 @@ def test_evaluate_takes_one_load_and_cap_per_trace_with_scenario(tmp_path):
     assert got == [("azure-conv", 3.0, 4.0), ("mooncake-conv", 5.0, None)]
     with pytest.raises(SystemExit):
         evaluate_main(["--policy", "none", "--baselines", "default", "--scenario", "azure-conv", "heavy", "4"])
+
+
+def test_evaluate_runs_a_scaled_card_and_its_training_grid_follows_it(tmp_path):
+    """--time-scale K runs every policy on the profile's card K times slower: the same
+    fixed knobs take longer per token; the best-static grid of the training distribution
+    moves with the card (loads / K); a live card cannot be scaled."""
+    from autoopt.training.evaluate import training_scenarios
+
+    def tpot(scale: str) -> float:
+        path = tmp_path / f"eval-{scale}.json"
+        rc = evaluate_main(["--policy", "none", "--baselines", "default", "--scenario", "azure-conv", "3", "4",
+                            "--duration", "6", "--time-scale", scale, "--report", str(path)])
+        report = json.loads(path.read_text())
+        assert rc == 0 and report["scenarios"][0].get("time_scale", 1.0) == float(scale)
+        return report["results"][0]["tpot_p99_ms"]
+
+    assert tpot("2") > 1.5 * tpot("1")
+    env_kwargs = {"randomize": {"load_scale": [10.0, 30.0]}}
+    base, slow = training_scenarios(env_kwargs), training_scenarios(env_kwargs, time_scale=2.0)
+    assert [s.load_scale / 2 for s in base] == [s.load_scale for s in slow]
+    assert all(s.time_scale == 2.0 for s in slow) and all(s.time_scale == 1.0 for s in base)
+    with pytest.raises(SystemExit):
+        evaluate_main(["--policy", "none", "--baselines", "default", "--backend", "live", "--time-scale", "2"])

@@ -86,8 +86,9 @@ def run_policy(policy: KnobPolicy, s: Scenario, slo: SLO, seed: int, backend: st
     return report, series
 
 
-def training_scenarios(env_kwargs: dict[str, Any], duration_s: float = 60.0) -> list[Scenario]:
-    """A small grid spanning the training distribution: each trace at two loads."""
+def training_scenarios(env_kwargs: dict[str, Any], duration_s: float = 60.0, time_scale: float = 1.0) -> list[Scenario]:
+    """A small grid spanning the training distribution: each trace at two loads; on a card
+    `time_scale` times slower, at loads divided by it (as the environment draws them)."""
     r = env_kwargs.get("randomize", {})
     traces = r.get("traces") or [env_kwargs.get("trace", "azure-conv")]
     lo, hi = r.get("load_scale", [env_kwargs.get("load_scale", 1.0)] * 2)
@@ -95,7 +96,10 @@ def training_scenarios(env_kwargs: dict[str, Any], duration_s: float = 60.0) -> 
     cap = float(np.sqrt(caps[0] * caps[1])) if caps else env_kwargs.get("memory_cap_gib")
     profile = env_kwargs.get("profile", "h100-gpt2-small")
     return [
-        Scenario(trace=t, load_scale=float(x), memory_cap_gib=cap, profile=profile, start_s=0.0, duration_s=duration_s)
+        Scenario(
+            trace=t, load_scale=float(x) / time_scale, memory_cap_gib=cap, profile=profile, start_s=0.0,
+            duration_s=duration_s, time_scale=time_scale,
+        )
         for t in traces
         for x in (lo + (hi - lo) / 3, lo + 2 * (hi - lo) / 3)
     ]
@@ -166,11 +170,11 @@ def _oracle_candidates(search: SearchResult, n: int = 8) -> list:
 
 
 def format_table(report: dict[str, Any]) -> str:
-    head = f"{'scenario':<34} {'policy':<12} {'goodput':>8} {'SLO att':>8} {'TTFT p99':>9} {'TPOT p99':>9} {'tok/s':>8} {'OOMs':>5} {'rej':>5} {'lost':>5}"
+    head = f"{'scenario':<44} {'policy':<12} {'goodput':>8} {'SLO att':>8} {'TTFT p99':>9} {'TPOT p99':>9} {'tok/s':>8} {'OOMs':>5} {'rej':>5} {'lost':>5}"
     lines = [head, "-" * len(head)]
     for r in report["results"]:
         lines.append(
-            f"{r['scenario'][:34]:<34} {r['policy']:<12} {r['goodput_rps']:>8.2f} {r['slo_attainment']:>8.1%} "
+            f"{r['scenario'][:44]:<44} {r['policy']:<12} {r['goodput_rps']:>8.2f} {r['slo_attainment']:>8.1%} "
             f"{_f(r['ttft_p99_ms']):>9} {_f(r['tpot_p99_ms']):>9} {r['tokens_per_s']:>8.0f} {r['ooms']:>5} "
             f"{r['rejected']:>5} {r['lost']:>5}"
         )
@@ -208,8 +212,9 @@ def evaluate_main(argv: list[str]) -> int:
     p.add_argument("--slo-tpot-ms", type=float, default=None)
     p.add_argument(
         "--time-scale", type=float, default=1.0,
-        help="sim: run the profile's card this many times slower (> 1) or faster (< 1), a card no policy "
-        "was trained on; search best-static on it with --best-static-on eval",
+        help="sim: run the profile's card this many times slower (> 1) or faster (< 1); outside the "
+        "policy's randomize.time_scale, a card it was not trained on (iteration times and the card probe "
+        "scale, switch costs do not)",
     )
     p.add_argument("--best-static-on", choices=("train", "eval"), default="train")
     p.add_argument("--backend", choices=("sim", "live"), default="sim")
@@ -241,7 +246,8 @@ def evaluate_main(argv: list[str]) -> int:
         p.error("--time-scale applies to the simulator (--backend sim) only")
     if not (math.isfinite(a.time_scale) and a.time_scale > 0):
         p.error("--time-scale must be a positive number")
-    search = training_scenarios(env_kwargs) if a.best_static_on == "train" and env_kwargs else None
+    # on a scaled card, the training grid's loads follow the card (as the environment's do)
+    search = training_scenarios(env_kwargs, time_scale=a.time_scale) if a.best_static_on == "train" and env_kwargs else None
     baselines = [b for b in a.baselines.split(",") if b]
     report = evaluate(scenarios, slo, learned, baselines, a.seed, search, backend=a.backend)
     if learned:
