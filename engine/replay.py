@@ -111,9 +111,7 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
             # ms of the reference decode step per kernel ("inf": out of memory), strict JSON.
             # Probed with fixed knobs too: the probe warms the device up, and a static and a
             # policy replay compared with this command must start alike
-            "card_ms": None
-            if engine.card is None
-            else {k: v if v is None or math.isfinite(v) else str(v) for k, v in engine.card.items()},
+            "card_ms": {k: v if v is None or math.isfinite(v) else str(v) for k, v in (engine.card or {}).items()},
         }
     )
     if controller is not None:

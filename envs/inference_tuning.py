@@ -224,7 +224,7 @@ class InferenceTuningEnv(gym.Env):
         time_scale = 1.0
         if "time_scale" in r:  # drawn only when asked, so other configs keep their streams
             lo, hi = r["time_scale"]
-            time_scale = float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+            time_scale = _log_uniform(rng, lo, hi)
             scale /= time_scale  # a card k times slower saturates at 1/k of the load
         span = cached_trace(trace).duration_s / scale
         start = float(rng.uniform(0.0, max(0.0, span - self.window_s)))
@@ -245,7 +245,7 @@ class InferenceTuningEnv(gym.Env):
         initial = self.initial_knobs
         if self.randomize.get("initial_limits"):
             initial = initial.replace(**{
-                name: int(round(math.exp(self.np_random.uniform(math.log(lo), math.log(hi)))))
+                name: int(round(_log_uniform(self.np_random, lo, hi)))
                 for name, (lo, hi) in LIMIT_BOUNDS.items()
             })
         knobs, _ = decode_action(knobs_to_action(initial), self._device_type, current=initial)
@@ -321,6 +321,11 @@ class InferenceTuningEnv(gym.Env):
             "nonfinite_obs": self.features.nonfinite,
             "scenario": dict(self._scenario_dict),
         }
+
+
+def _log_uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
+    """A draw spread evenly over orders of magnitude (a limit, a card's speed)."""
+    return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
 
 
 def _check_randomize(r: dict[str, Any]) -> dict[str, Any]:
