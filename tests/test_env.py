@@ -226,9 +226,11 @@ def test_episode_terminates_when_the_window_is_served():
 def test_short_maskable_ppo_run_learns_without_error():
     from sb3_contrib import MaskablePPO
     from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.logger import Logger
 
     venv = make_vec_env(ENV_ID, n_envs=2, seed=0, env_kwargs={"render_mode": None, **SIM})
     model = MaskablePPO("MlpPolicy", venv, n_steps=128, batch_size=128, n_epochs=2, seed=0, verbose=0)
+    model.set_logger(Logger(folder=None, output_formats=[]))  # no /tmp/SB3-* directory per run
     model.learn(total_timesteps=1024)
     assert model.num_timesteps >= 1024
     obs = venv.reset()

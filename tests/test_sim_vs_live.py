@@ -107,3 +107,44 @@ def test_pooled_profile_takes_each_rows_median(tmp_path):
             assert math.isclose(got["ms_min"], want["ms_min"]) and math.isclose(got["ms_max"], 4.0 * want["ms_max"])
     timing = pooled.provenance["timing"]
     assert [[n, round(ms, 6)] for n, ms in timing["decode_after_prefill_ms_by_prompt"]] == [[64, 0.2], [511, 0.6]]
+
+
+def test_recorder_reports_how_the_live_iterations_compare_with_the_profile(tmp_path, one_thread):
+    """A profile 10x too fast: every live iteration is 'slow' and takes ~10x its prediction; 10x too slow: none."""
+    import json
+
+    from autoopt.calibration.profile import profile_path
+
+    bench = _benchmark()
+    base = json.loads(profile_path("cpu-tiny").read_text())
+    case = bench.Case("poisson", "poisson:rate=8,duration=30,prompt_median=64,output_median=16", 1.0, 5.0)
+    ratios = {}
+    for scale in (0.1, 10.0):
+        prof = json.loads(json.dumps(base))
+        for kind in ("prefill", "decode"):
+            for row in prof[kind]:
+                for key in ("ms", "ms_min", "ms_max"):
+                    row[key] *= scale
+        timing = prof["provenance"]["timing"]
+        timing["decode_after_prefill_ms_by_prompt"] = [
+            [n, ms * scale] for n, ms in timing["decode_after_prefill_ms_by_prompt"]
+        ]
+        path = tmp_path / f"x{scale:g}.json"
+        path.write_text(json.dumps(prof))
+        run = bench.replay(case, str(path), "live")
+        assert run.report["completed"] == run.report["arrived"] > 10
+        ratios[scale] = run.iter_ratio
+        assert run.slow_frac == (1.0 if scale < 1 else 0.0)
+    assert ratios[0.1] > 3.0 and ratios[10.0] < 0.3
+    assert 50 < ratios[0.1] / ratios[10.0] < 200  # the same batches: the ratios differ by the profiles' 100x
+
+
+def test_the_gpu_setup_replays_under_the_knee_of_the_shipped_engine_profile():
+    """`--device cuda` compares away from the knee, where agreement is a fair test: in the
+    simulator on the H100 engine profile every case meets its SLO and loses nothing."""
+    bench = _benchmark()
+    setup = bench.SETUPS["cuda"]
+    for case in setup.cases:
+        rep = bench.replay(case, setup.profile, "sim", setup=setup).report
+        assert rep["completed"] == rep["arrived"] > 500, case.name
+        assert rep["slo_attainment"] >= 0.99 and rep["ttft_p99_ms"] < 0.2 * setup.slo.ttft_s * 1e3, case.name
