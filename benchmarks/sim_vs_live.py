@@ -98,7 +98,7 @@ CASES: tuple[Case, ...] = (
 )
 
 
-# gpt2-small on a GPU: the knobs and SLO of the GPU replays (benchmarks/gpu_policies.sh);
+# gpt2-small on a GPU: the knobs and SLO of the GPU replays (benchmarks/gpu_policies.sh).
 # By the H100 engine profile, x4 and x8 run under the knee (all within SLO) and x10 is on it
 # (TTFT p99 ~0.4 s), where a few percent of speed moves TTFT by multiples: kept out.
 CUDA_CASES: tuple[Case, ...] = (
@@ -216,8 +216,7 @@ def replay(
     report["busy_frac"] = engine.telemetry.busy_frac
     if recorder is None or not recorder.iterations:
         return Replay(report, wall)
-    ratio = recorder.measured_ms / recorder.predicted_ms if recorder.predicted_ms else math.nan
-    return Replay(report, wall, ratio, recorder.slow / recorder.iterations)
+    return Replay(report, wall, recorder.measured_ms / recorder.predicted_ms, recorder.slow / recorder.iterations)
 
 
 def rel_err(live: float, sim: float) -> float:
@@ -321,11 +320,12 @@ def main() -> int:
     if setup.threads is not None:
         torch.set_num_threads(setup.threads)  # as the profile is calibrated
     cases = [Case(c.name, c.trace, c.load_scale, a.duration) for c in setup.cases if not a.only or a.only in c.name]
+    shipped = a.profile or setup.profile
     tmp = Path(tempfile.mkdtemp())
     calibrations: list[str] = []
     live: dict[str, list[Replay]] = {c.name: [] for c in cases}
     for r in range(max(1, a.rounds)):
-        profile = a.profile or setup.profile
+        profile = shipped
         if a.calibrate:
             t0 = time.perf_counter()
             profile = fresh_profile(setup, tmp / f"fresh-{r}.json")
@@ -339,7 +339,7 @@ def main() -> int:
                 f"iter live/sim {run.iter_ratio:.3f}, slow {run.slow_frac:.1%}",
                 flush=True,
             )
-    profile = pool_profiles(calibrations, tmp / "pooled.json") if calibrations else (a.profile or setup.profile)
+    profile = pool_profiles(calibrations, tmp / "pooled.json") if calibrations else shipped
     k = setup.knobs
     print(
         f"\n{setup.model} on {setup.device}; profile {profile}; knobs {k.attention}/{k.precision}"

@@ -8,6 +8,7 @@ because the replay is short and one noisy stretch weighs more.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import math
 import sys
@@ -40,6 +41,16 @@ def _benchmark():
     sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
+
+
+def _scaled(profile: dict, scale: float) -> dict:
+    """A copy of a profile's JSON with every prefill and decode row's times x `scale`."""
+    out = copy.deepcopy(profile)
+    for kind in ("prefill", "decode"):
+        for row in out[kind]:
+            for key in ("ms", "ms_min", "ms_max"):
+                row[key] *= scale
+    return out
 
 
 @pytest.fixture()
@@ -87,14 +98,7 @@ def test_pooled_profile_takes_each_rows_median(tmp_path):
     base = json.loads(profile_path("cpu-tiny").read_text())
     paths = []
     for i, scale in enumerate((1.0, 4.0, 2.0)):
-        prof = json.loads(json.dumps(base))
-        for kind in ("prefill", "decode"):
-            for row in prof[kind]:
-                row["ms"], row["ms_min"], row["ms_max"] = (
-                    row["ms"] * scale,
-                    row["ms_min"] * scale,
-                    row["ms_max"] * scale,
-                )
+        prof = _scaled(base, scale)
         prof["provenance"]["timing"]["decode_after_prefill_ms_by_prompt"] = [[64, 0.1 * scale], [511, 0.3 * scale]]
         path = tmp_path / f"p{i}.json"
         path.write_text(json.dumps(prof))
@@ -120,11 +124,7 @@ def test_recorder_reports_how_the_live_iterations_compare_with_the_profile(tmp_p
     case = bench.Case("poisson", "poisson:rate=8,duration=30,prompt_median=64,output_median=16", 1.0, 5.0)
     ratios = {}
     for scale in (0.1, 10.0):
-        prof = json.loads(json.dumps(base))
-        for kind in ("prefill", "decode"):
-            for row in prof[kind]:
-                for key in ("ms", "ms_min", "ms_max"):
-                    row[key] *= scale
+        prof = _scaled(base, scale)
         timing = prof["provenance"]["timing"]
         timing["decode_after_prefill_ms_by_prompt"] = [
             [n, ms * scale] for n, ms in timing["decode_after_prefill_ms_by_prompt"]
