@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import pickle
+import re
 import sys
 import zipfile
 from collections.abc import Sequence
@@ -148,6 +149,16 @@ def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> bytes:
     return data
 
 
+def default_vecnormalize(model_path: Path) -> Path | None:
+    """The observation statistics saved with a model: `vecnormalize.pkl` beside it, or for
+    an SB3 checkpoint `rl_model_N_steps.zip` its own `rl_model_vecnormalize_N_steps.pkl`
+    (the final run's statistics would normalise the checkpoint's inputs wrongly)."""
+    match = re.fullmatch(r"(.*)_(\d+)_steps\.zip", model_path.name)
+    candidates = [model_path.parent / f"{match[1]}_vecnormalize_{match[2]}_steps.pkl"] if match else []
+    candidates.append(model_path.parent / "vecnormalize.pkl")
+    return next((c for c in candidates if c.is_file()), None)
+
+
 def export_policy(
     model_path: str | Path,
     out_dir: str | Path,
@@ -166,9 +177,9 @@ def export_policy(
 ) -> Path:
     """Write `out_dir/{manifest.json,weights.npz}` for a trained model and return `out_dir`.
 
-    Without `vecnormalize_path`, a `vecnormalize.pkl` next to the model is used if there is one
-    (the path used is recorded in the manifest). Without `obs_features`/`action_tables`, generic
-    names (`obs_0..`, `action_0..`) and index values are taken from the model's spaces; `seed`
+    Without `vecnormalize_path`, the statistics saved with the model are used if there are
+    any (`default_vecnormalize`; the path used is recorded in the manifest). Without
+    `obs_features`/`action_tables`, generic names (`obs_0..`, `action_0..`) and index values are taken from the model's spaces; `seed`
     and `timesteps` default to the model's own. After
     writing, the policy is loaded back and its actions are compared with SB3's deterministic
     predict on `verify` random observations; any difference raises ExportError.
@@ -200,8 +211,8 @@ def export_policy(
     if sizes != [n for n, _ in heads]:
         raise ExportError(f"action tables have sizes {sizes}, the model's action heads {[n for n, _ in heads]}")
 
-    if vecnormalize_path is None and (model_path.parent / "vecnormalize.pkl").is_file():
-        vecnormalize_path = model_path.parent / "vecnormalize.pkl"
+    if vecnormalize_path is None:
+        vecnormalize_path = default_vecnormalize(model_path)
     obs_norm = read_vecnormalize(vecnormalize_path, obs_dim) if vecnormalize_path is not None else None
 
     arrays: dict[str, np.ndarray] = {}
@@ -342,7 +353,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p = parser or argparse.ArgumentParser(prog="autoopt export", description=__doc__.splitlines()[0])
     p.add_argument("model", help="SB3 model zip (PPO or MaskablePPO)")
     p.add_argument("--out", required=True, help="policy directory to write (manifest.json + weights.npz)")
-    p.add_argument("--vecnormalize", help="VecNormalize statistics (.pkl); default: vecnormalize.pkl next to the model")
+    p.add_argument(
+        "--vecnormalize",
+        help="VecNormalize statistics (.pkl); default: vecnormalize.pkl next to the model, or a checkpoint's own",
+    )
     p.add_argument(
         "--meta",
         help="JSON file with any of: " + ", ".join(_META_KEYS),
@@ -371,6 +385,14 @@ def run_cli(args: argparse.Namespace) -> int:
         meta = json.loads(Path(args.meta).read_text(encoding="utf-8"))
         if unknown := sorted(set(meta) - set(_META_KEYS)):
             raise ExportError(f"{args.meta}: unknown keys {unknown}; allowed: {list(_META_KEYS)}")
+    else:
+        # a model of an `autoopt train` run (or one of its checkpoints): the engine's layout,
+        # env and profile from the run's config, or the engine would refuse the policy
+        from ..training.train import run_metadata
+
+        if (found := run_metadata(Path(args.model))) is not None:
+            run_dir, meta = found
+            print(f"layout, env and profile from {run_dir / 'config.yaml'}")
     out = export_policy(args.model, args.out, vecnormalize_path=args.vecnormalize, verify=args.verify, **meta)
     policy = RuntimePolicy.load(out)
     print(f"wrote {out}: {policy!r}")

@@ -11,6 +11,8 @@ import yaml
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 from autoopt.envs import ENV_ID
+from autoopt.policies.export import export_main
+from autoopt.policies.guard import GuardedPolicy
 from autoopt.policies.runtime import RuntimePolicy
 from autoopt.training.evaluate import evaluate_main
 from autoopt.training.train import load_config, train
@@ -81,6 +83,22 @@ def test_run_saves_model_checkpoints_and_a_loadable_runtime_policy(run_dir):
     assert saved["seed"] == 3 and load_config(run_dir / "config.yaml")["n_steps"] == 128
     kick = json.loads((run_dir / "kickstart.json").read_text())
     assert kick["steps"] == 256 and 0.0 <= kick["agreement"] <= 1.0
+
+
+def test_export_of_a_checkpoint_takes_the_runs_layout_and_its_own_statistics(run_dir, tmp_path):
+    """`autoopt export` of a run's checkpoint gives a policy the engine's guard accepts (the
+    run's layout, env and seed) that normalises as that checkpoint did, not as the final model."""
+    ckpt = min((run_dir / "checkpoints").glob("rl_model_*_steps.zip"), key=lambda p: int(p.stem.split("_")[2]))
+    steps = int(ckpt.stem.split("_")[2])
+    assert export_main([str(ckpt), "--out", str(tmp_path / "ck"), "--verify", "200"]) == 0
+    policy = RuntimePolicy.load(tmp_path / "ck")
+    GuardedPolicy(policy, "cuda")  # refuses a policy whose layout is not the engine's
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())[ENV_ID]
+    m = policy.manifest
+    assert m["env_id"] == ENV_ID and m["env_kwargs"] == saved["env_kwargs"] and m["seed"] == 3
+    assert m["timesteps"] == steps and m["source"]["vecnormalize"] == f"rl_model_vecnormalize_{steps}_steps.pkl"
+    final = RuntimePolicy.load(run_dir / "policy")
+    assert policy.decide_every == final.decide_every and policy.decide_every_s == final.decide_every_s
 
 
 def test_resume_continues_from_the_newest_checkpoint(run_dir, tmp_path):

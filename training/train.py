@@ -281,14 +281,40 @@ def _plain(cfg: dict[str, Any], timesteps: int, n_envs: int, seed: int) -> dict[
     return out
 
 
-def _export(run_dir: Path, cfg: dict[str, Any], seed: int, steps: int) -> Path:
+def policy_metadata(cfg: dict[str, Any], seed: int) -> dict[str, Any]:
+    """The manifest fields of a policy trained with `cfg`: the engine's observation and action
+    layout (so the engine's guard accepts it), the masks of the profile's device, the env, its
+    kwargs (the decision cadence among them), the profile and the seed."""
     from ..calibration.profile import load_profile
     from ..engine.features import FEATURE_NAMES
     from ..engine.knob_space import action_tables, mask_rules
-    from ..policies.export import export_policy
 
     env_kwargs = cfg.get("env_kwargs", {})
     profile = load_profile(env_kwargs.get("profile", "h100-gpt2-small"))
+    return {
+        "obs_features": list(FEATURE_NAMES),
+        "action_tables": action_tables(),
+        "mask_rules": mask_rules(profile.device["type"]),
+        "env_id": ENV_ID,
+        "env_kwargs": env_kwargs,
+        "profile": {"name": profile.name, "sha256": profile.sha256()},
+        "seed": seed,
+    }
+
+
+def run_metadata(model_path: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The run an `autoopt train` model file belongs to (its folder, or the one above for a
+    checkpoint) and `policy_metadata` from that run's config.yaml; None outside a run."""
+    for run_dir in (model_path.parent, model_path.parent.parent):
+        if (run_dir / "config.yaml").is_file():
+            cfg = load_config(run_dir / "config.yaml")
+            return run_dir, policy_metadata(cfg, int(cfg.get("seed", 0)))
+    return None
+
+
+def _export(run_dir: Path, cfg: dict[str, Any], seed: int, steps: int) -> Path:
+    from ..policies.export import export_policy
+
     evaluation = {}
     eval_file = run_dir / "eval.json"
     if eval_file.exists():
@@ -297,15 +323,9 @@ def _export(run_dir: Path, cfg: dict[str, Any], seed: int, steps: int) -> Path:
         run_dir / "model.zip",
         run_dir / "policy",
         vecnormalize_path=run_dir / "vecnormalize.pkl",
-        obs_features=list(FEATURE_NAMES),
-        action_tables=action_tables(),
-        mask_rules=mask_rules(profile.device["type"]),
-        env_id=ENV_ID,
-        env_kwargs=env_kwargs,
-        profile={"name": profile.name, "sha256": profile.sha256()},
-        seed=seed,
         timesteps=steps,
         evaluation=evaluation,
+        **policy_metadata(cfg, seed),
     )
 
 
