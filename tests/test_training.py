@@ -4,16 +4,19 @@ and the evaluation against the baselines on a trace file given by path."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import yaml
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+from tensorboard.util import tensor_util
 
 from autoopt.envs import ENV_ID
 from autoopt.policies.export import export_main
 from autoopt.policies.guard import GuardedPolicy
 from autoopt.policies.runtime import RuntimePolicy
+from autoopt.training.callbacks import replaces_kept
 from autoopt.training.evaluate import evaluate_main
 from autoopt.training.train import load_config, train
 
@@ -42,7 +45,7 @@ SMALL = {
             "window_s": 30,
             "randomize": {"traces": ["azure-conv"], "load_scale": [4.0, 8.0], "memory_cap_gib": [2.0, 4.0]},
         },
-        "eval": {"freq": 256, "scenarios": [{"trace": "azure-conv", "load_scale": 6.0, "start_s": 300, "duration_s": 8}]},
+        "eval": {"freq": 256, "scenarios": [{"trace": "azure-conv", "load_scale": 6.0, "start_s": 0, "duration_s": 8}]},
     }
 }
 
@@ -99,6 +102,36 @@ def test_export_of_a_checkpoint_takes_the_runs_layout_and_its_own_statistics(run
     assert m["timesteps"] == steps and m["source"]["vecnormalize"] == f"rl_model_vecnormalize_{steps}_steps.pkl"
     final = RuntimePolicy.load(run_dir / "policy")
     assert policy.decide_every == final.decide_every and policy.decide_every_s == final.decide_every_s
+
+
+def test_the_exported_policy_is_the_model_that_validated_best(run_dir, tmp_path):
+    """Each held-out validation (during training and once more at its end) is a candidate; the
+    export is the selected one (the config's tolerance is 0: the best ratio, the latest on a tie)."""
+    ratios = [
+        float(tensor_util.make_ndarray(v.tensor)) if v.HasField("tensor") else v.simple_value
+        for events in (run_dir / "tb").rglob("events.out.tfevents.*")
+        for event in EventFileLoader(str(events)).Load()
+        for v in event.summary.value
+        if v.tag == "eval/goodput_ratio_vs_best_static"
+    ]
+    assert len(ratios) >= 3  # at 256 and 512 steps, and at the end
+    chosen = json.loads((run_dir / "eval.json").read_text())
+    assert chosen["ratio"] == pytest.approx(max(ratios), rel=1e-6) == chosen["best_ratio"]
+    policy = RuntimePolicy.load(run_dir / "policy")
+    assert policy.manifest["timesteps"] == chosen["timesteps"] and policy.manifest["evaluation"] == chosen
+    again = tmp_path / "best"
+    assert export_main([str(run_dir / "best" / "model.zip"), "--out", str(again), "--verify", "0"]) == 0
+    assert RuntimePolicy.load(again).manifest["weights_sha256"] == policy.manifest["weights_sha256"]
+
+
+def test_validation_keeps_the_latest_model_within_the_tolerance_of_the_best():
+    best, kept = -math.inf, []
+    for step, ratio in enumerate([1.00, 1.06, 1.057, 1.04, math.nan, 1.0601, 1.02]):
+        if replaces_kept(ratio, best, tolerance=0.005):
+            best = max(best, ratio)
+            kept.append(step)
+    assert kept == [0, 1, 2, 5] and best == 1.0601
+    assert replaces_kept(1.0, 1.0, tolerance=0.0) and not replaces_kept(0.999, 1.0, tolerance=0.0)
 
 
 def test_resume_continues_from_the_newest_checkpoint(run_dir, tmp_path):

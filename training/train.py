@@ -135,6 +135,9 @@ def train(
 
     venv = make_env(cfg, n_envs, seed, run_dir / "monitor")
     latest = _latest_checkpoint(ckpt_dir) if resume else None
+    if latest is None:  # a fresh run: an older run's selected model is not a candidate
+        shutil.rmtree(run_dir / "best", ignore_errors=True)
+        (run_dir / "eval.json").unlink(missing_ok=True)
     if latest is not None:
         model_path, vn_path = latest
         venv = VecNormalize.load(str(vn_path), venv) if vn_path else VecNormalize(venv, **cfg["normalize"])
@@ -161,21 +164,22 @@ def train(
             raise SystemExit(f"config warm_start must be best-static, aimd or none, got {cfg['warm_start']!r}")
     (run_dir / "config.yaml").write_text(yaml.safe_dump({ENV_ID: _plain(cfg, timesteps, n_envs, seed)}))
     eval_cfg = cfg.get("eval", {})
+    validation = None
     callbacks = [
         HParamsCallback(cfg, timesteps, n_envs, seed),
         EnvScalarsCallback(),
         CheckpointCallback(max(1, checkpoint_freq // n_envs), str(ckpt_dir), save_vecnormalize=True),
     ]
     if eval_cfg.get("scenarios"):
-        callbacks.append(
-            BestStaticEvalCallback(
-                eval_cfg["scenarios"],
-                cfg.get("env_kwargs", {}),
-                eval_freq=max(1, int(eval_freq or eval_cfg.get("freq", 20000)) // n_envs),
-                cache_dir=Path(logdir) / "cache",
-                best_path=run_dir / "best",
-            )
+        validation = BestStaticEvalCallback(
+            eval_cfg["scenarios"],
+            cfg.get("env_kwargs", {}),
+            eval_freq=max(1, int(eval_freq or eval_cfg.get("freq", 20000)) // n_envs),
+            cache_dir=Path(logdir) / "cache",
+            best_path=run_dir / "best",
+            tolerance=float(eval_cfg.get("select_tolerance", 0.0)),
         )
+        callbacks.append(validation)
     started = time.perf_counter()
     try:
         model.learn(
@@ -191,6 +195,9 @@ def train(
         model.save(str(run_dir / "model.zip"))
         venv.save(str(run_dir / "vecnormalize.pkl"))
     elapsed = time.perf_counter() - started
+    if validation is not None and validation.evaluations:  # the last model is a candidate too
+        validation.evaluate()
+        model.logger.dump(model.num_timesteps)
     meta = {"timesteps": int(model.num_timesteps), "seed": seed, "n_envs": n_envs, "train_s": elapsed}
     (run_dir / "train.json").write_text(json.dumps(meta, indent=2))
     _export(run_dir, cfg, seed, int(model.num_timesteps))
@@ -313,16 +320,19 @@ def run_metadata(model_path: Path) -> tuple[Path, dict[str, Any]] | None:
 
 
 def _export(run_dir: Path, cfg: dict[str, Any], seed: int, steps: int) -> Path:
+    """The runtime policy of the run: the model the held-out validation selected (`best/`,
+    see BestStaticEvalCallback), or the last one when the config has no validation."""
     from ..policies.export import export_policy
 
-    evaluation = {}
-    eval_file = run_dir / "eval.json"
-    if eval_file.exists():
-        evaluation = json.loads(eval_file.read_text())
+    chosen, evaluation = run_dir, {}
+    if (run_dir / "best" / "model.zip").exists() and (run_dir / "eval.json").exists():
+        chosen, evaluation = run_dir / "best", json.loads((run_dir / "eval.json").read_text())
+        steps = int(evaluation["timesteps"])
+        print(f"exporting the model at {steps} steps, selected on the held-out validation scenarios", file=sys.stderr)
     return export_policy(
-        run_dir / "model.zip",
+        chosen / "model.zip",
         run_dir / "policy",
-        vecnormalize_path=run_dir / "vecnormalize.pkl",
+        vecnormalize_path=chosen / "vecnormalize.pkl",
         timesteps=steps,
         evaluation=evaluation,
         **policy_metadata(cfg, seed),
