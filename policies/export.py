@@ -179,8 +179,8 @@ def export_policy(
 
     Without `vecnormalize_path`, the statistics saved with the model are used if there are
     any (`default_vecnormalize`; the path used is recorded in the manifest). Without
-    `obs_features`/`action_tables`, generic names (`obs_0..`, `action_0..`) and index values are taken from the model's spaces; `seed`
-    and `timesteps` default to the model's own. After
+    `obs_features`/`action_tables`, generic names (`obs_0..`, `action_0..`) and index values
+    are taken from the model's spaces; `seed` and `timesteps` default to the model's own. After
     writing, the policy is loaded back and its actions are compared with SB3's deterministic
     predict on `verify` random observations; any difference raises ExportError.
     """

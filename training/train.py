@@ -95,12 +95,10 @@ def _algo(cfg: dict[str, Any]):
 
 
 def _latest_checkpoint(ckpt_dir: Path) -> tuple[Path, Path | None] | None:
+    from ..policies.export import default_vecnormalize
+
     zips = sorted(ckpt_dir.glob("rl_model_*_steps.zip"), key=lambda p: int(p.stem.split("_")[-2]))
-    if not zips:
-        return None
-    steps = zips[-1].stem.split("_")[-2]
-    vn = ckpt_dir / f"rl_model_vecnormalize_{steps}_steps.pkl"
-    return zips[-1], vn if vn.exists() else None
+    return (zips[-1], default_vecnormalize(zips[-1])) if zips else None
 
 
 def train(
@@ -135,15 +133,14 @@ def train(
 
     venv = make_env(cfg, n_envs, seed, run_dir / "monitor")
     latest = _latest_checkpoint(ckpt_dir) if resume else None
-    if latest is None:  # a fresh run: an older run's selected model is not a candidate
-        shutil.rmtree(run_dir / "best", ignore_errors=True)
-        (run_dir / "eval.json").unlink(missing_ok=True)
     if latest is not None:
         model_path, vn_path = latest
         venv = VecNormalize.load(str(vn_path), venv) if vn_path else VecNormalize(venv, **cfg["normalize"])
         model = algo_cls.load(str(model_path), env=venv, tensorboard_log=str(run_dir / "tb"))
         print(f"resuming from {model_path} at {model.num_timesteps} steps", file=sys.stderr)
     else:
+        shutil.rmtree(run_dir / "best", ignore_errors=True)  # an older run's selected model is no candidate
+        (run_dir / "eval.json").unlink(missing_ok=True)
         venv = VecNormalize(venv, gamma=cfg.get("gamma", 0.99), **cfg["normalize"])
         params = {k: cfg[k] for k in HYPERPARAMS if k in cfg}
         model = algo_cls(
