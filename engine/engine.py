@@ -109,8 +109,7 @@ class Engine:
             # has nothing to do and nothing to charge (a policy moves them every decision).
             changed = [n for n in LIMIT_KNOBS if getattr(old, n) != getattr(knobs, n)]
             self._applied = self.knobs = knobs
-            for name in changed:
-                self.telemetry.switch_counts[name] = self.telemetry.switch_counts.get(name, 0) + 1
+            self.telemetry.switch_counts.update(changed)
             self.last_switch = SwitchReport(changed=changed, not_applicable=dict(self.not_applicable))
             return self.last_switch
         first = old is None
@@ -125,8 +124,7 @@ class Engine:
             return report
         tel = self.telemetry
         tel.switch_ms_total += report.ms
-        for name in report.changed:
-            tel.switch_counts[name] = tel.switch_counts.get(name, 0) + 1
+        tel.switch_counts.update(report.changed)
         self._pending_switch_ms += report.ms
         return report
 

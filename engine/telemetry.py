@@ -7,6 +7,7 @@ requests themselves, when a summary is asked for.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -78,7 +79,7 @@ class Telemetry:
     iterations: int = 0
     tokens_total: int = 0
     switch_ms_total: float = 0.0
-    switch_counts: dict[str, int] = field(default_factory=dict)
+    switch_counts: Counter[str] = field(default_factory=Counter)
 
     def on_interval(self, now_s: float, arrivals: int, tokens: int, busy_s: float) -> None:
         """Fold one interval (since the last call) into the time-based averages."""
