@@ -23,13 +23,17 @@ match on this host.
 Also printed, per case and round: `iter live/sim`, the live iterations' measured time over
 that round's profile's prediction for the very same batches, and `slow`, the share of
 live iterations that took over 1.3x their prediction (the host's interference comes in
-bursts of about a second in which many iterations do). They separate the ways to
-disagree: a profile that mispredicts an iteration (the ratio is off at few slow
-iterations), a host that was disturbed during the replay (many slow iterations), and a
-scheduler trajectory that amplifies small errors (the ratio is ~1 but the metrics are
-not). The `sim at K` column (information, not judged) is the simulator with every
-iteration scaled by K, the median of the case's ratios: what it predicts had it known how
-fast the host ran.
+stretches of ~0.1-1 s in which many iterations do). They separate the ways to disagree: a
+profile that mispredicts an iteration (the ratio is off at few slow iterations), a host
+that was disturbed during the replay (many slow iterations), and a scheduler trajectory
+that amplifies small errors (the ratio is ~1 but the metrics are not).
+
+`sim+noise` is the simulator with the profile's noise on, the median of `--noise-seeds`
+seeds: each iteration's time x a multiplier whose spread the calibration grid measured per
+kind of iteration and whose stretches in time its host-noise probe measured
+(calibration/host_noise.py). Nothing in it comes from the live replays. A stretch of slow
+iterations queues the requests that arrive in it, which sets TTFT p99 under load, and
+independent per-iteration draws (or none) average it away.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from typing import Any
 
 import torch
 
+from autoopt.calibration.host_noise import HostNoise, pool_host_noise
 from autoopt.calibration.sim_executor import SimExecutor
 from autoopt.engine.engine import Engine, EngineConfig
 from autoopt.engine.executor import Batch, MemoryReading, StepResult, SwitchReport
@@ -195,7 +200,6 @@ def replay(
     setup: Setup = CPU,
     seed: int = 0,
     noise: bool = False,
-    time_scale: float = 1.0,
 ) -> Replay:
     """Run one case on one backend (live: the setup's model on its device; sim: the profile)."""
     s = case.scenario(profile)
@@ -206,7 +210,7 @@ def replay(
         timer = SimExecutor(profile, max_slots=setup.max_slots, max_context=live.capacity.max_context, seed=seed)
         executor = recorder = Recorder(live, timer)
     else:
-        executor = SimExecutor(profile, max_slots=setup.max_slots, seed=seed, noise=noise, time_scale=time_scale)
+        executor = SimExecutor(profile, max_slots=setup.max_slots, seed=seed, noise=noise)
     requests = scenario_trace(s, executor.capacity.max_context).to_requests()
     engine = Engine(executor, requests, setup.knobs, EngineConfig(slo=setup.slo))
     t0 = time.perf_counter()
@@ -265,6 +269,15 @@ def fresh_profile(setup: Setup, out: Path) -> str:
     return str(out)
 
 
+def _pooled_quantiles(parts: list[list[float]]) -> list[float]:
+    """Equal-probability quantiles of the union of equal-sized quantile sets, mean 1."""
+    xs = sorted(q for part in parts for q in part)
+    n = len(parts[0])
+    qs = [xs[int((k + 0.5) / n * len(xs))] for k in range(n)]
+    mean = statistics.fmean(qs)
+    return [q / mean for q in qs]
+
+
 def _row_key(kind: str, row: dict[str, Any]) -> tuple:
     return (kind, row["B"], row.get("L", row.get("C")), row["backend"], row["precision"], row.get("cuda_graphs"))
 
@@ -293,6 +306,13 @@ def pool_profiles(paths: list[str], out: Path) -> str:
         for n, ms in t.get("decode_after_prefill_ms_by_prompt") or []:
             by_prompt.setdefault(n, []).append(ms)
     timing["decode_after_prefill_ms_by_prompt"] = [[n, statistics.median(v)] for n, v in sorted(by_prompt.items())]
+    quantiles = {}
+    for kind in ("prefill", "decode"):
+        parts = [q for t in timings if (q := (t.get("noise_quantiles") or {}).get(kind))]
+        quantiles[kind] = _pooled_quantiles(parts) if parts else []
+    timing["noise_quantiles"] = quantiles
+    hosts = [HostNoise.from_dict(t["host_noise"]) for t in timings if t.get("host_noise")]
+    timing["host_noise"] = pool_host_noise(hosts).to_dict() if hosts else None
     pooled["name"] = f"{pooled['name']}-pooled"
     pooled["provenance"]["source"] = f"median of {len(paths)} calibrations interleaved with the live replays"
     out.write_text(json.dumps(pooled))
@@ -312,7 +332,12 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=60.0, help="seconds of each trace replayed")
     p.add_argument("--only", default="", help="run only the cases whose name contains this")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--noise", action="store_true", help="the simulator draws iteration noise from the profile")
+    p.add_argument(
+        "--noise-seeds",
+        type=int,
+        default=5,
+        help="also simulate with the profile's noise on, over this many seeds (their median; 0: not)",
+    )
     a = p.parse_args()
     setup = SETUPS[a.device]
     if setup.device == "cuda" and not torch.cuda.is_available():
@@ -345,21 +370,22 @@ def main() -> int:
         f"\n{setup.model} on {setup.device}; profile {profile}; knobs {k.attention}/{k.precision}"
         f"{' graphs' if k.cuda_graphs else ''} max_num_seqs={k.max_num_seqs} max_batched_tokens={k.max_batched_tokens}; "
         f"SLO TTFT {setup.slo.ttft_s * 1e3:g} ms, TPOT {setup.slo.tpot_s * 1e3:g} ms; "
-        f"torch threads {torch.get_num_threads()}; tolerance {TOLERANCE:.0%}{'; simulator noise on' if a.noise else ''}\n"
+        f"torch threads {torch.get_num_threads()}; tolerance {TOLERANCE:.0%}\n"
         f"live: median of {a.rounds} replays; spread: (max - min) / median over them, the host's own noise; "
-        f"sim at K: every iteration x K, the median iter live/sim (information)"
+        f"sim+noise: median of {a.noise_seeds} seeds with the profile's noise on (information)"
     )
     failed = 0
     for case in cases:
         runs = live[case.name]
         reports = [x.report for x in runs]
         med = _median_report(reports)
-        sim = replay(case, profile, "sim", setup=setup, seed=a.seed, noise=a.noise)
-        speed = statistics.median(x.iter_ratio for x in runs)
-        at_speed = replay(case, profile, "sim", setup=setup, seed=a.seed, noise=a.noise, time_scale=speed).report
+        sim = replay(case, profile, "sim", setup=setup, seed=a.seed)
+        noisy = [replay(case, profile, "sim", setup=setup, seed=a.seed + i, noise=True) for i in range(a.noise_seeds)]
+        noisy_med = _median_report([x.report for x in noisy]) if noisy else {}
         arrived = reports[0]["arrived"]
         lost = [
-            x["arrived"] - x["completed"] - x["rejected"] - x["queued"] - x["running"] for x in (*reports, sim.report)
+            x["arrived"] - x["completed"] - x["rejected"] - x["queued"] - x["running"]
+            for x in (*reports, sim.report, *(x.report for x in noisy))
         ]
         print(
             f"\n== {case.name}: {case.trace} x{case.load_scale:g}, {case.duration_s:g} s, {arrived} requests; "
@@ -369,7 +395,7 @@ def main() -> int:
             f"completed live {[x['completed'] for x in reports]} sim {sim.report['completed']}"
         )
         print(
-            f"{'metric':<16}{'live':>12}{'spread':>9}{'sim':>12}{'rel err':>10}  verdict  {f'sim at {speed:.3f}':>16}{'rel err':>10}"
+            f"{'metric':<16}{'live':>12}{'spread':>9}{'sim':>12}{'rel err':>10}  verdict  {'sim+noise':>12}{'rel err':>10}"
         )
         for key, label in METRICS:
             values = [float(x[key]) for x in reports]
@@ -379,10 +405,10 @@ def main() -> int:
             judged = key in JUDGED
             failed += judged and not ok
             verdict = ("PASS" if ok else "FAIL") + ("" if judged else " (info)")
-            scaled = float(at_speed[key])
+            with_noise = f"{noisy_med[key]:>12.3f}{rel_err(med[key], noisy_med[key]):>+10.1%}" if noisy else ""
             print(
                 f"{label:<16}{med[key]:>12.3f}{spread:>9.1%}{float(sim.report[key]):>12.3f}{err:>+10.1%}  {verdict:<7}  "
-                f"{scaled:>16.3f}{rel_err(med[key], scaled):>+10.1%}"
+                + with_noise
             )
         att = [x["slo_attainment"] for x in reports]
         print(f"{'SLO attainment':<16}{statistics.median(att):>12.3f}{'':>9}{sim.report['slo_attainment']:>12.3f}")

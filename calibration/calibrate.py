@@ -48,6 +48,7 @@ from ..engine.torch_executor import (
     apply_allocator,
     resolve_device,
 )
+from .host_noise import HostNoise, fit_host_noise
 
 FORMAT = "autoopt-profile"
 VERSION = 1
@@ -77,6 +78,11 @@ _CPU_GRID: dict[str, Any] = {
     # are one, and the engine never prefills max_context itself (a prompt leaves room for
     # its first token).
     "prefill_lengths": "below",
+    # Seconds of back-to-back decode steps of noise_probe_batch sequences, timed to measure
+    # how the host's speed wanders and for how long it stays off (host_noise.py): the
+    # simulator's optional noise replays it. 0: no probe.
+    "noise_probe_s": 10.0,
+    "noise_probe_batch": 8,
     "alloc": None,
 }
 _CUDA_GRID: dict[str, Any] = {
@@ -94,6 +100,8 @@ _CUDA_GRID: dict[str, Any] = {
     "cold_prompts": [0.125, 0.25, 0.5, 1.0],
     "stat": "median",
     "prefill_lengths": "exact",  # as the shipped h100 profiles were measured
+    "noise_probe_s": 5.0,
+    "noise_probe_batch": 8,
     # (cfg, cap_frac): cap_frac 0 = uncapped
     "alloc": {
         "runs": [["default", 0.0], ["default", 1.3], ["expandable", 1.3], ["split128", 1.3], ["gc08_split128", 1.3]],
@@ -114,6 +122,7 @@ _QUICK: dict[str, dict[str, Any]] = {
         "decode_warmup": 1,
         "decode_runs": 5,
         "passes": 1,
+        "noise_probe_s": 3.0,
     },
     "cuda": {
         "prefill": {"B": [1, 8, 64], "L": [128, 1024], "max_tokens": 131072},
@@ -122,6 +131,7 @@ _QUICK: dict[str, dict[str, Any]] = {
         "runs": 3,
         "decode_warmup": 2,
         "decode_runs": 5,
+        "noise_probe_s": 2.0,
         "alloc": {"runs": [["default", 0.0], ["default", 1.3], ["expandable", 1.3]], "steps": 60},
     },
 }
@@ -389,6 +399,15 @@ def calibrate(
         grid_run = _GridRun(ex, cfg, dev, g, clock, bar, errors, kernels)
         cut_reason = grid_run.run(combos, pre_pts, dec_pts, passes)
         prefill_rows, decode_rows = grid_run.rows(combos, pre_pts, dec_pts)
+        host_noise = None
+        probe_s = float(g.get("noise_probe_s") or 0)
+        if budget_s is not None:
+            probe_s = min(probe_s, budget_s - clock.elapsed)
+        if probe_s > 0 and combos:
+            try:
+                host_noise = probe_host_noise(ex, combos[0], int(g.get("noise_probe_batch", 8)), probe_s).to_dict()
+            except Exception as exc:
+                errors.append({"part": "noise_probe", "error": _err(exc)})
     finally:
         bar.close()
     measured = len(prefill_rows) + len(decode_rows)
@@ -445,7 +464,7 @@ def calibrate(
         # Timings go through TorchExecutor.execute, whose eager decode pads every row to the
         # longest context in the batch: the simulator charges a mixed batch that way.
         "decode_context": "longest",
-        "timing": {"passes": passes, **grid_run.timing},
+        "timing": {"passes": passes, **grid_run.timing, "host_noise": host_noise},
     }
     profile = {
         "format": FORMAT,
@@ -525,6 +544,7 @@ def _tail_factor(samples: Sequence[Sequence[float]]) -> float:
 
 
 NOISE_QUANTILES = 50
+PROBE_CYCLE = 100  # decode steps per cycle of the host-noise probe
 
 
 def _noise_quantiles(samples: Sequence[Sequence[float]]) -> list[float]:
@@ -645,6 +665,44 @@ def _decode_samples(
     finally:
         ex.release(reqs[::-1])  # last slot first: nothing to compact
     return samples, cold, ex.capture_ms.get(ex._bucket(b)), trans
+
+
+def probe_host_noise(ex: TorchExecutor, combo: tuple[str, str], batch: int, seconds: float) -> HostNoise:
+    """Time back-to-back decode steps of `batch` sequences for `seconds` (as a serving loop
+    runs them, with no pause between) and fit how the host's speed wanders (host_noise.py).
+
+    The steps run in cycles of PROBE_CYCLE from the same context, so the context grows the
+    same way in every cycle; a step's multiplier is its time over the median of the steps at
+    the same place in their cycles, which takes the context's own effect out."""
+    prec, backend = combo
+    ex.set_precision(prec)
+    ex.set_attention(backend)
+    ex.set_cuda_graphs(False)
+    steps = min(PROBE_CYCLE, ex.capacity.max_context // 2)
+    start = max(1, min(ex.capacity.max_context // 4, ex.capacity.max_context - steps - 2))
+    batch = max(1, min(batch, ex.capacity.max_slots))
+    ends: list[float] = []
+    times: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        reqs = [Request(i, 0.0, start, steps + 1) for i in range(batch)]
+        try:
+            _step_ms(ex, Batch(reqs, [], batch * start, 0))
+            decode = Batch([], reqs, 0, 0)
+            for _ in range(steps):
+                times.append(_step_ms(ex, decode))
+                ends.append(time.perf_counter())
+        finally:
+            ex.release(reqs[::-1])
+    cycles = len(times) // steps
+    if cycles < 3:
+        raise RuntimeError(
+            f"the noise probe ran {cycles} cycles of {steps} steps in {seconds} s: at least 3 are needed"
+        )
+    n = cycles * steps
+    by_place = np.asarray(times[:n]).reshape(cycles, steps)
+    multipliers = (by_place / np.median(by_place, axis=0)).ravel()
+    return fit_host_noise(ends[:n], multipliers)
 
 
 class _GridRun:

@@ -8,8 +8,10 @@ decode, as the torch engine does); memory is weights + the KV cache in use + the
 iteration's transient activations, and the allocator model decides, per config and
 headroom, whether the batch hits an OOM or an allocator retry.
 
-Deterministic under its seed; run-to-run noise (the spread the profile measured around
-each point's typical time) is optional and drawn from the same seeded generator.
+Deterministic under its seed; run-to-run noise is optional and drawn from the same seeded
+generator: the host's speed as the profile's noise probe measured it, stretches of slow
+steps included (`host_noise.py`), or for profiles without a probe the spread measured
+around each point's typical time, drawn independently per iteration.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ..engine.executor import Batch, Capacity, MemoryReading, StepResult, Switch
 from ..engine.knobs import Knobs, not_applicable
 from ..engine.request import Request
 from .alloc_model import AllocatorState
+from .host_noise import HostNoise, NoiseProcess
 from .profile import Profile, load_profile, profile_path
 
 # Latency lookups are memoised on inputs rounded to this relative step (~3%): the model
@@ -143,8 +146,14 @@ class SimExecutor:
         by_prompt = sorted((float(n), float(ms)) for n, ms in timing.get("decode_after_prefill_ms_by_prompt") or [])
         self._cold_points = [(0.0, 0.0), *by_prompt] if by_prompt else None
         self._cold_memo: dict[int, float] = {}
-        # noise=True: multipliers of mean 1 drawn from the measured spread (equal-probability
-        # quantiles), per kind of iteration; profiles without them get a 2% lognormal.
+        # noise=True: multipliers of mean 1 from the spread measured per kind of iteration
+        # (equal-probability quantiles; a 2% lognormal for profiles without them). A profile
+        # with a host-noise probe draws their ranks from its correlated process, advanced by
+        # each iteration's own time (the virtual clock a replay runs on); older ones draw
+        # them independently.
+        host = timing.get("host_noise")
+        self._host_noise = NoiseProcess(HostNoise.from_dict(host), self.rng) if noise and host else None
+        self._last_ms = 0.0
         quantiles = timing.get("noise_quantiles") or {}
         self._noise_q = {kind: [float(q) for q in quantiles.get(kind) or []] for kind in ("prefill", "decode")}
         self._after_prefill = 0  # padded prompt tokens of the last iteration's prefill (0: none)
@@ -265,7 +274,10 @@ class SimExecutor:
         self._after_prefill = pre_tokens
         if self.time_scale != 1.0:
             ms *= self.time_scale
-        if self.noise:
+        if self._host_noise is not None:
+            ms *= self._host_noise.multiplier(self._last_ms * 1e-3, self._noise_q["prefill" if prefill else "decode"])
+            self._last_ms = ms
+        elif self.noise:
             qs = self._noise_q["prefill" if prefill else "decode"]
             if qs:
                 ms *= qs[int(self.rng.random() * len(qs))]

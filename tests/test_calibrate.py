@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from autoopt.calibration.calibrate import alloc_stream, calibrate, calibrate_main, default_grid, prompt_length
+from autoopt.calibration.host_noise import HostNoise
 
 BACKENDS = {"flash", "efficient", "math", "cudnn"}
 PRECISIONS = {"bf16", "fp16", "fp32_tf32", "fp32"}
@@ -30,6 +31,7 @@ SMALL = {
     "runs": 2,
     "decode_warmup": 1,
     "decode_runs": 2,
+    "noise_probe_s": 1.0,
 }
 
 
@@ -89,6 +91,12 @@ def test_small_grid_profile_is_schema_valid_with_errors_recorded(tmp_path: Path)
     big = [r for r in on_disk["prefill"] if r["B"] == 2 and r["L"] == 24 and r["backend"] == "math"][0]
     small = [r for r in on_disk["prefill"] if r["B"] == 1 and r["L"] == 8 and r["backend"] == "math"][0]
     assert big["peak_alloc"] > small["peak_alloc"]
+    # the host-noise probe: a second of back-to-back decode steps, their marginal (mean 1)
+    # and how long the host's speed stayed off (host_noise.py)
+    noise = HostNoise.from_dict(pv["timing"]["host_noise"])
+    assert noise.samples >= 300 and 0.5 < noise.span_s <= 1.5
+    assert np.mean(noise.quantiles) == pytest.approx(1.0, abs=1e-3) and len(noise.quantiles) == 50
+    assert min(noise.quantiles) < 1.0 < max(noise.quantiles) and sum(noise.weights) <= 1.0
 
 
 def test_budget_cuts_the_grid_and_says_so(tmp_path: Path) -> None:

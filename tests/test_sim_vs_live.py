@@ -30,6 +30,7 @@ GRID = {
     "decode_warmup": 4,
     "decode_runs": 6,
     "passes": 3,
+    "noise_probe_s": 0,  # the replay here runs without noise
 }
 
 
@@ -111,6 +112,34 @@ def test_pooled_profile_takes_each_rows_median(tmp_path):
             assert math.isclose(got["ms_min"], want["ms_min"]) and math.isclose(got["ms_max"], 4.0 * want["ms_max"])
     timing = pooled.provenance["timing"]
     assert [[n, round(ms, 6)] for n, ms in timing["decode_after_prefill_ms_by_prompt"]] == [[64, 0.2], [511, 0.6]]
+
+
+def test_pooled_profile_pools_the_host_noise(tmp_path):
+    """The rounds' noise probes pool into one: their mean weights and the union of their marginals."""
+    import json
+
+    from autoopt.calibration.host_noise import HostNoise
+    from autoopt.calibration.profile import profile_path
+
+    bench = _benchmark()
+    base = json.loads(profile_path("cpu-tiny").read_text())
+    paths = []
+    for i, (w, spread) in enumerate((((0.0, 0.2, 0.4), 0.1), ((0.0, 0.4, 0.2), 0.3))):
+        prof = json.loads(json.dumps(base))
+        qs = [1.0 - spread + 2 * spread * k / 49 for k in range(50)]
+        timing = prof["provenance"]["timing"]
+        timing["host_noise"] = HostNoise(tuple(qs), w, samples=1000).to_dict()
+        timing["noise_quantiles"] = {"prefill": qs, "decode": qs[::-1]}
+        path = tmp_path / f"n{i}.json"
+        path.write_text(json.dumps(prof))
+        paths.append(str(path))
+    pooled = json.loads(Path(bench.pool_profiles(paths, tmp_path / "pooled.json")).read_text())
+    timing = pooled["provenance"]["timing"]
+    noise = HostNoise.from_dict(timing["host_noise"])
+    assert noise.weights == pytest.approx((0.0, 0.3, 0.3)) and noise.samples == 2000
+    for qs in (noise.quantiles, timing["noise_quantiles"]["prefill"]):
+        assert len(qs) == 50 and sum(qs) / 50 == pytest.approx(1.0)
+        assert min(qs) < 0.75 and max(qs) > 1.25  # the wider round's tails are kept
 
 
 def test_recorder_reports_how_the_live_iterations_compare_with_the_profile(tmp_path, one_thread):
