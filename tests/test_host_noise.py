@@ -152,4 +152,3 @@ def test_slow_stretches_raise_the_simulated_tail_as_they_do_live(tmp_path):
     assert p99(st) > 1.15 * p99(ind)
     assert p50(st) == pytest.approx(p50(ind), rel=0.1)
     assert ind[0]["tokens_per_s"] == pytest.approx(st[0]["tokens_per_s"], rel=0.02)
-
