@@ -51,7 +51,7 @@ from typing import Any
 
 import torch
 
-from autoopt.calibration.host_noise import HostNoise, pool_host_noise
+from autoopt.calibration.host_noise import HostNoise, pool_host_noise, pool_quantiles
 from autoopt.calibration.sim_executor import SimExecutor
 from autoopt.engine.engine import Engine, EngineConfig
 from autoopt.engine.executor import Batch, MemoryReading, StepResult, SwitchReport
@@ -269,15 +269,6 @@ def fresh_profile(setup: Setup, out: Path) -> str:
     return str(out)
 
 
-def _pooled_quantiles(parts: list[list[float]]) -> list[float]:
-    """Equal-probability quantiles of the union of equal-sized quantile sets, mean 1."""
-    xs = sorted(q for part in parts for q in part)
-    n = len(parts[0])
-    qs = [xs[int((k + 0.5) / n * len(xs))] for k in range(n)]
-    mean = statistics.fmean(qs)
-    return [q / mean for q in qs]
-
-
 def _row_key(kind: str, row: dict[str, Any]) -> tuple:
     return (kind, row["B"], row.get("L", row.get("C")), row["backend"], row["precision"], row.get("cuda_graphs"))
 
@@ -309,7 +300,7 @@ def pool_profiles(paths: list[str], out: Path) -> str:
     quantiles = {}
     for kind in ("prefill", "decode"):
         parts = [q for t in timings if (q := (t.get("noise_quantiles") or {}).get(kind))]
-        quantiles[kind] = _pooled_quantiles(parts) if parts else []
+        quantiles[kind] = list(pool_quantiles(parts)) if parts else []
     timing["noise_quantiles"] = quantiles
     hosts = [HostNoise.from_dict(t["host_noise"]) for t in timings if t.get("host_noise")]
     timing["host_noise"] = pool_host_noise(hosts).to_dict() if hosts else None

@@ -48,7 +48,7 @@ from ..engine.torch_executor import (
     apply_allocator,
     resolve_device,
 )
-from .host_noise import HostNoise, fit_host_noise
+from .host_noise import QUANTILES, HostNoise, equal_probability_quantiles, fit_host_noise
 
 FORMAT = "autoopt-profile"
 VERSION = 1
@@ -543,20 +543,17 @@ def _tail_factor(samples: Sequence[Sequence[float]]) -> float:
     return float(statistics.fmean(ratios)) if ratios else 1.0
 
 
-NOISE_QUANTILES = 50
 PROBE_CYCLE = 100  # decode steps per cycle of the host-noise probe
 
 
 def _noise_quantiles(samples: Sequence[Sequence[float]]) -> list[float]:
-    """How a step's time spreads around its point's median: NOISE_QUANTILES quantiles of
-    equal probability, scaled to mean 1 (the simulator's optional noise draws from them, so
-    it widens the spread without moving the expected time)."""
-    ratios = sorted(x / m for xs in samples if xs for m in [statistics.median(xs)] for x in xs)
-    if len(ratios) < NOISE_QUANTILES:
+    """How a step's time spreads around its point's median: QUANTILES quantiles of equal
+    probability, scaled to mean 1 (the simulator's optional noise draws from them, so it
+    widens the spread without moving the expected time)."""
+    ratios = [x / m for xs in samples if xs for m in [statistics.median(xs)] for x in xs]
+    if len(ratios) < QUANTILES:
         return []
-    qs = [ratios[int((k + 0.5) / NOISE_QUANTILES * len(ratios))] for k in range(NOISE_QUANTILES)]
-    mean = statistics.fmean(qs)
-    return [round(q / mean, 4) for q in qs]
+    return [round(q, 4) for q in equal_probability_quantiles(ratios)]
 
 
 def _point_ms(samples: Sequence[float], stat: str, tail: float) -> tuple[float, float, float]:

@@ -89,10 +89,22 @@ class HostNoise:
         )
 
 
-def _quantiles(x: np.ndarray, n: int = QUANTILES) -> tuple[float, ...]:
-    xs = np.sort(x)
+def equal_probability_quantiles(x: Sequence[float] | np.ndarray, n: int = QUANTILES) -> tuple[float, ...]:
+    """`n` quantiles of x, each standing for 1/n of its mass, scaled to mean 1: a draw of
+    one at random has x's spread and leaves the expected time where it was."""
+    xs = np.sort(np.asarray(x, dtype=float))
     qs = xs[((np.arange(n) + 0.5) / n * len(xs)).astype(int)]
     return tuple(float(q) for q in qs / qs.mean())
+
+
+def pool_quantiles(parts: Sequence[Sequence[float]], counts: Sequence[int] | None = None) -> tuple[float, ...]:
+    """Equal-probability quantiles of the union of quantile sets of the same size, each set
+    standing for `counts[i]` samples (equally many when not given)."""
+    reps = counts or [1] * len(parts)
+    return equal_probability_quantiles(
+        np.concatenate([np.repeat(np.asarray(p, dtype=float), c) for p, c in zip(parts, reps, strict=True)]),
+        len(parts[0]),
+    )
 
 
 def _gaussianised(x: np.ndarray) -> np.ndarray:
@@ -158,7 +170,7 @@ def fit_host_noise(times_s: Sequence[float], multipliers: Sequence[float], seed:
     if len(x) >= MIN_SAMPLES:
         bins = lag_correlations(t, _gaussianised(x), np.random.default_rng(seed))
         weights = _fit_weights(bins, TIME_SCALES_S)
-    return HostNoise(_quantiles(x), weights, TIME_SCALES_S, len(x), float(t[-1] - t[0]))
+    return HostNoise(equal_probability_quantiles(x), weights, TIME_SCALES_S, len(x), float(t[-1] - t[0]))
 
 
 def pool_host_noise(parts: Sequence[HostNoise]) -> HostNoise:
@@ -170,9 +182,9 @@ def pool_host_noise(parts: Sequence[HostNoise]) -> HostNoise:
     if any(p.time_scales_s != scales for p in parts):
         raise ValueError("host noise fits with different time scales cannot be pooled")
     counts = [max(1, p.samples) for p in parts]
-    x = np.concatenate([np.repeat(p.quantiles, c) for p, c in zip(parts, counts, strict=True)])
+    quantiles = pool_quantiles([p.quantiles for p in parts], counts)
     weights = np.average([p.weights for p in parts], axis=0, weights=counts)
-    return HostNoise(_quantiles(x), tuple(float(w) for w in weights), scales, sum(counts), sum(p.span_s for p in parts))
+    return HostNoise(quantiles, tuple(float(w) for w in weights), scales, sum(counts), sum(p.span_s for p in parts))
 
 
 class NoiseProcess:

@@ -274,12 +274,12 @@ class SimExecutor:
         self._after_prefill = pre_tokens
         if self.time_scale != 1.0:
             ms *= self.time_scale
-        if self._host_noise is not None:
-            ms *= self._host_noise.multiplier(self._last_ms * 1e-3, self._noise_q["prefill" if prefill else "decode"])
-            self._last_ms = ms
-        elif self.noise:
+        if self.noise:
             qs = self._noise_q["prefill" if prefill else "decode"]
-            if qs:
+            if self._host_noise is not None:
+                ms *= self._host_noise.multiplier(self._last_ms * 1e-3, qs)
+                self._last_ms = ms
+            elif qs:
                 ms *= qs[int(self.rng.random() * len(qs))]
             else:
                 ms *= float(self.rng.lognormal(0.0, 0.02))
