@@ -45,9 +45,7 @@ class LearnedPolicy:
         decide_every_s: float | None = None,
     ) -> None:
         self.name = name
-        # the cadence the actor was trained at: a runtime policy's manifest says it
-        self.decide_every = decide_every or getattr(actor, "decide_every", 1)
-        self.decide_every_s = decide_every_s or getattr(actor, "decide_every_s", None)
+        self.decide_every, self.decide_every_s = decide_every, decide_every_s  # None: the actor's own
         self.actor = actor
         self.device_type = device_type
         self.fallback = fallback

@@ -81,8 +81,7 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
         policy = RuntimePolicy.load(args.policy)
         controller = GuardedPolicy(
             policy, device_type=executor.device_type, fallback=knobs,
-            max_costly_switches_per_s=args.max_switches_per_s, decide_every=policy.decide_every,
-            decide_every_s=policy.decide_every_s,
+            max_costly_switches_per_s=args.max_switches_per_s,
         )
     engine = Engine(
         executor,

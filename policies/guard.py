@@ -12,7 +12,7 @@ the policy, and checks the answer before it reaches the engine:
 With `decide_every` = n > 1 the policy is asked every n-th iteration, with `decide_every_s`
 = t at the first iteration t seconds (engine clock) after its last decision, and its knobs
 hold in between: the cadence it was trained at (the environment's `iterations_per_step`
-or `step_s`).
+or `step_s`; by default the cadence a runtime policy's manifest records).
 Each fallback is counted with its reason; the scheduler's own accounting is untouched,
 so a failing policy can at worst leave the engine on a safe static config.
 """
@@ -48,9 +48,15 @@ class GuardedPolicy:
         device_type: str,
         fallback: Knobs | None = None,
         max_costly_switches_per_s: float = 1.0,
-        decide_every: int = 1,
+        decide_every: int | None = None,
         decide_every_s: float | None = None,
     ) -> None:
+        # None: the cadence the policy says it was trained at (a runtime policy's manifest),
+        # else every iteration
+        if decide_every is None:
+            decide_every = getattr(policy, "decide_every", 1)
+        if decide_every_s is None:
+            decide_every_s = getattr(policy, "decide_every_s", None)
         if not isinstance(decide_every, int) or decide_every < 1:
             raise ValueError(f"decide_every must be an integer >= 1, got {decide_every!r}")
         if decide_every_s is not None and not (math.isfinite(decide_every_s) and decide_every_s > 0):

@@ -189,3 +189,16 @@ def test_guard_decides_every_t_seconds_of_engine_time():
             assert t - last < 0.01
     with pytest.raises(ValueError, match="decide_every_s"):
         GuardedPolicy(Counting(), "cpu", decide_every_s=0.0)
+
+
+def test_guard_asks_a_runtime_policy_at_the_cadence_its_manifest_records():
+    """Unless told otherwise, the guard takes the cadence the policy was trained at (the
+    shipped policy: steps of 50 ms of engine time); a plain actor is asked every iteration."""
+    policy = RuntimePolicy.load(resolve_policy("h100-gpt2-small"))
+    assert policy.decide_every_s == pytest.approx(0.05)
+    guard = GuardedPolicy(policy, "cuda")
+    assert (guard.decide_every, guard.decide_every_s) == (policy.decide_every, policy.decide_every_s)
+    told = GuardedPolicy(policy, "cuda", decide_every=4, decide_every_s=0.2)
+    assert (told.decide_every, told.decide_every_s) == (4, 0.2)
+    plain = GuardedPolicy(Counting(), "cpu")
+    assert (plain.decide_every, plain.decide_every_s) == (1, None)
