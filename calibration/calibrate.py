@@ -1107,6 +1107,8 @@ def calibrate_main(argv: Sequence[str] | None = None) -> int:
         f"{pv['elapsed_s']:.1f} s{' (grid cut: ' + pv['cut_reason'] + ')' if pv['cut'] else ''}, "
         f"{len(pv['errors'])} error(s)"
     )
+    if (pv.get("timing") or {}).get("host_noise"):
+        print(HostNoise.from_dict(pv["timing"]["host_noise"]).describe())
     return 0
 
 

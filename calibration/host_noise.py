@@ -69,6 +69,21 @@ class HostNoise:
         """The latent's correlation between two steps `lag_s` apart (the fitted ACF)."""
         return sum(w * math.exp(-lag_s / t) for w, t in zip(self.weights, self.time_scales_s, strict=True))
 
+    def slow_share(self, factor: float = 1.3) -> float:
+        """The share of steps over `factor` x the typical (median) step."""
+        typical = statistics.median(self.quantiles)
+        return sum(q > factor * typical for q in self.quantiles) / len(self.quantiles)
+
+    def describe(self) -> str:
+        """One line for a person: how often the host is slow and how long it stays so."""
+        lags = ", ".join(
+            f"{self.correlation(lag):.2f} at {label}" for lag, label in ((0.01, "10 ms"), (0.1, "0.1 s"), (1.0, "1 s"))
+        )
+        return (
+            f"host noise ({self.samples} steps over {self.span_s:.1f} s): {self.slow_share():.0%} of steps over 1.3x "
+            f"the typical step; correlation of two steps {lags} apart"
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "quantiles": [round(q, 4) for q in self.quantiles],

@@ -90,6 +90,18 @@ def test_a_step_draws_from_the_quantiles_it_is_given():
     assert len({proc.multiplier(0.001) for _ in range(100)}) > 10
 
 
+def test_the_summary_says_how_often_and_how_long_the_host_is_slow():
+    noise = HostNoise(SKEWED, (0.0, 0.3, 0.6), samples=12000, span_s=10.0)
+    assert noise.slow_share() == pytest.approx(0.2)  # the tail's 10 of 50 quantiles, 1.3-2x the body
+    assert noise.slow_share(2.5) == 0.0
+    assert noise.correlation(0.0) == pytest.approx(0.9) and noise.correlation(1.0) == pytest.approx(
+        0.6 / math.e, abs=1e-3
+    )
+    text = noise.describe()
+    assert text.startswith("host noise (12000 steps over 10.0 s): 20% of steps over 1.3x")
+    assert f"{noise.correlation(1.0):.2f} at 1 s" in text
+
+
 def test_bad_input_is_refused_or_dropped():
     with pytest.raises(ValueError, match="sum to at most 1"):
         HostNoise(SKEWED, (0.5, 0.4, 0.3))
