@@ -41,6 +41,7 @@ TIME_SCALES_S = (0.01, 0.1, 1.0)  # the OU components' correlation times
 LAG_EDGES_S = (0.0, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 MIN_SAMPLES = 200  # fewer: the marginal only, no correlation
 PAIRS_PER_BIN = 20000
+SLOW = 1.3  # a step over this x the typical one counts as slow in the summary
 _NORMAL = statistics.NormalDist()
 _SQRT_HALF = math.sqrt(0.5)
 
@@ -69,7 +70,7 @@ class HostNoise:
         """The latent's correlation between two steps `lag_s` apart (the fitted ACF)."""
         return sum(w * math.exp(-lag_s / t) for w, t in zip(self.weights, self.time_scales_s, strict=True))
 
-    def slow_share(self, factor: float = 1.3) -> float:
+    def slow_share(self, factor: float = SLOW) -> float:
         """The share of steps over `factor` x the typical (median) step."""
         typical = statistics.median(self.quantiles)
         return sum(q > factor * typical for q in self.quantiles) / len(self.quantiles)
@@ -80,7 +81,7 @@ class HostNoise:
             f"{self.correlation(lag):.2f} at {label}" for lag, label in ((0.01, "10 ms"), (0.1, "0.1 s"), (1.0, "1 s"))
         )
         return (
-            f"host noise ({self.samples} steps over {self.span_s:.1f} s): {self.slow_share():.0%} of steps over 1.3x "
+            f"host noise ({self.samples} steps over {self.span_s:.1f} s): {self.slow_share():.0%} of steps over {SLOW:g}x "
             f"the typical step; correlation of two steps {lags} apart"
         )
 
