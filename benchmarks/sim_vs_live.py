@@ -18,7 +18,10 @@ a profile taken a minute earlier predicts. So the benchmark runs `--rounds` roun
 replays every case live. The simulator runs once, on the rows' medians over the rounds'
 profiles (`pool_profiles`), against the median of the live replays; `spread` is the live
 replays' (max - min) / median, the host's own noise, which bounds what any simulator can
-match on this host.
+match on this host. `live/live` holds each live replay against the median of the others
+(the worst of them is printed), and the last line counts how many of those comparisons fall
+within the tolerance beside how many of the simulator's do: the live engine's agreement
+with itself on this host, measured in the same run.
 
 Also printed, per case and round: `iter live/sim`, the live iterations' measured time over
 that round's profile's prediction for the very same batches, and `slow`, the share of
@@ -310,6 +313,15 @@ def pool_profiles(paths: list[str], out: Path) -> str:
     return str(out)
 
 
+def live_self_errors(values: list[float]) -> list[float]:
+    """Each live replay's relative error against the median of the others: how well the
+    live engine agrees with itself on this host, the floor under any simulator's error.
+    Empty with fewer than two replays."""
+    if len(values) < 2:
+        return []
+    return [rel_err(statistics.median(values[:i] + values[i + 1 :]), v) for i, v in enumerate(values)]
+
+
 def _median_report(reports: list[dict[str, Any]]) -> dict[str, float]:
     return {key: statistics.median(float(r[key]) for r in reports) for key, _ in METRICS}
 
@@ -363,9 +375,12 @@ def main() -> int:
         f"SLO TTFT {setup.slo.ttft_s * 1e3:g} ms, TPOT {setup.slo.tpot_s * 1e3:g} ms; "
         f"torch threads {torch.get_num_threads()}; tolerance {TOLERANCE:.0%}\n"
         f"live: median of {a.rounds} replays; spread: (max - min) / median over them, the host's own noise; "
+        f"live/live: the worst of each replay against the median of the others; "
         f"sim+noise: median of {a.noise_seeds} seeds with the profile's noise on (information)"
     )
     failed = 0
+    judged = 0
+    self_within = self_judged = 0
     for case in cases:
         runs = live[case.name]
         reports = [x.report for x in runs]
@@ -386,27 +401,41 @@ def main() -> int:
             f"completed live {[x['completed'] for x in reports]} sim {sim.report['completed']}"
         )
         print(
-            f"{'metric':<16}{'live':>12}{'spread':>9}{'sim':>12}{'rel err':>10}  verdict  {'sim+noise':>12}{'rel err':>10}"
+            f"{'metric':<16}{'live':>12}{'spread':>9}{'live/live':>11}{'sim':>12}{'rel err':>10}  verdict  "
+            f"{'sim+noise':>12}{'rel err':>10}"
         )
         for key, label in METRICS:
             values = [float(x[key]) for x in reports]
             spread = (max(values) - min(values)) / abs(med[key]) if med[key] else 0.0
             err = rel_err(med[key], float(sim.report[key]))
             ok = abs(err) <= TOLERANCE
-            judged = key in JUDGED
-            failed += judged and not ok
-            verdict = ("PASS" if ok else "FAIL") + ("" if judged else " (info)")
+            is_judged = key in JUDGED
+            judged += is_judged
+            failed += is_judged and not ok
+            self_errs = live_self_errors(values)
+            if is_judged:
+                self_judged += len(self_errs)
+                self_within += sum(abs(e) <= TOLERANCE for e in self_errs)
+            worst_self = f"{max(self_errs, key=abs):>+11.1%}" if self_errs else f"{'':>11}"
+            verdict = ("PASS" if ok else "FAIL") + ("" if is_judged else " (info)")
             with_noise = f"{noisy_med[key]:>12.3f}{rel_err(med[key], noisy_med[key]):>+10.1%}" if noisy else ""
             print(
-                f"{label:<16}{med[key]:>12.3f}{spread:>9.1%}{float(sim.report[key]):>12.3f}{err:>+10.1%}  {verdict:<7}  "
-                + with_noise
+                f"{label:<16}{med[key]:>12.3f}{spread:>9.1%}{worst_self}{float(sim.report[key]):>12.3f}{err:>+10.1%}"
+                f"  {verdict:<7}  " + with_noise
             )
         att = [x["slo_attainment"] for x in reports]
         print(f"{'SLO attainment':<16}{statistics.median(att):>12.3f}{'':>9}{sim.report['slo_attainment']:>12.3f}")
         assert not any(lost), f"requests unaccounted for: {lost}"
     print(
-        f"\n{'all PASS' if not failed else f'{failed} FAIL'} (goodput, TTFT p50/p99, tokens/s within {TOLERANCE:.0%})"
+        f"\n{'all PASS' if not failed else f'{failed} FAIL'} (goodput, TTFT p50/p99, tokens/s within {TOLERANCE:.0%}): "
+        f"sim within on {judged - failed} of {judged}"
     )
+    if self_judged:
+        print(
+            f"live/live: each live replay against the median of the others is within {TOLERANCE:.0%} on "
+            f"{self_within} of {self_judged} judged figures ({self_within / self_judged:.0%}; the sim: "
+            f"{(judged - failed) / judged:.0%})"
+        )
     return 0
 
 

@@ -177,3 +177,13 @@ def test_the_gpu_setup_replays_under_the_knee_of_the_shipped_engine_profile():
         rep = bench.replay(case, setup.profile, "sim", setup=setup).report
         assert rep["completed"] == rep["arrived"] > 500, case.name
         assert rep["slo_attainment"] >= 0.99 and rep["ttft_p99_ms"] < 0.2 * setup.slo.ttft_s * 1e3, case.name
+
+
+def test_live_self_errors_hold_each_replay_against_the_median_of_the_others():
+    svl = _benchmark()
+    errs = svl.live_self_errors([10.0, 11.0, 13.0])
+    # 10 against median(11, 13) = 12; 11 against median(10, 13) = 11.5; 13 against median(10, 11) = 10.5
+    assert errs == pytest.approx([10 / 12 - 1, 11 / 11.5 - 1, 13 / 10.5 - 1])
+    assert sum(abs(e) <= svl.TOLERANCE for e in errs) == 1
+    assert svl.live_self_errors([5.0]) == []
+    assert svl.live_self_errors([4.0, 4.0]) == [0.0, 0.0]
