@@ -379,7 +379,7 @@ def main() -> int:
         f"sim+noise: median of {a.noise_seeds} seeds with the profile's noise on (information)"
     )
     failed = 0
-    judged = 0
+    judged = len(cases) * len(JUDGED)
     self_within = self_judged = 0
     for case in cases:
         runs = live[case.name]
@@ -410,7 +410,6 @@ def main() -> int:
             err = rel_err(med[key], float(sim.report[key]))
             ok = abs(err) <= TOLERANCE
             is_judged = key in JUDGED
-            judged += is_judged
             failed += is_judged and not ok
             self_errs = live_self_errors(values)
             if is_judged:
