@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ __all__ = [
     "bursty",
     "list_traces",
     "load_azure_csv",
+    "load_burstgpt_csv",
+    "load_csv",
     "load_mooncake_jsonl",
     "load_trace",
     "poisson",
@@ -232,27 +235,29 @@ def _check_order(path: Path, lines: np.ndarray, t: np.ndarray, column: str) -> N
 
 
 AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
+BURSTGPT_COLUMNS = ("Timestamp", "Request tokens", "Response tokens")
+# A UTC offset ending a timestamp: the Azure 2024 traces write `2024-05-10 00:00:00.009930+00:00`
+_UTC_OFFSET = re.compile(r"(?:Z|([+-])(\d{2}):?(\d{2}))$")
 
 
-def load_azure_csv(path: str | Path) -> Trace:
-    """Azure LLM inference trace CSV (`TIMESTAMP,ContextTokens,GeneratedTokens`).
-
-    Parsed column-wise with numpy (datetime64[ns] keeps all 7 fractional digits); on a
-    vectorised failure the rows are re-parsed one by one to name the offending line.
-    """
-    path = Path(path)
-    lines = _read_lines(path)
+def _csv_header(path: Path, lines: list[str]) -> list[str]:
     if not lines or not lines[0].strip():
         raise _fail(path, 1, "empty file: no header and no rows")
-    header = [h.strip() for h in lines[0].split(",")]
-    for col in AZURE_COLUMNS:
+    return [h.strip() for h in lines[0].split(",")]
+
+
+def _csv_columns(
+    path: Path, lines: list[str], header: list[str], columns: tuple[str, ...]
+) -> tuple[list[int], list[list[str]]]:
+    """The named columns of a plain comma-separated file (no quoting: the public traces have
+    none), as stripped strings, with each row's 1-based line number; blank lines skipped."""
+    for col in columns:
         if col not in header:
             raise _fail(path, 1, f"missing column {col!r} in header (got {', '.join(header)})")
-    idx = [header.index(c) for c in AZURE_COLUMNS]
+    idx = [header.index(c) for c in columns]
     width = len(header)
-
     line_no: list[int] = []
-    cols: list[list[str]] = [[], [], []]
+    cols: list[list[str]] = [[] for _ in columns]
     for n, line in enumerate(lines[1:], start=2):
         if not line.strip():
             continue
@@ -264,39 +269,120 @@ def load_azure_csv(path: str | Path) -> Trace:
         line_no.append(n)
     if not line_no:
         raise _fail(path, 2, "empty trace: header but no rows")
-    ln = np.asarray(line_no)
+    return line_no, cols
 
+
+def _timestamps_ns(path: Path, line_no: list[int], raw: list[str], column: str) -> np.ndarray:
+    """Absolute timestamps as int64 ns, in UTC where they carry an offset (`Z`, `+00:00`):
+    one trace either gives every row an offset or none. Parsed column-wise with numpy
+    (datetime64[ns] keeps 7 fractional digits); on a failure the rows are re-parsed one by
+    one to name the offending line."""
+    offsets = None
+    matches = [_UTC_OFFSET.search(s) for s in raw]
+    if any(matches):
+        for n, m in zip(line_no, matches, strict=True):
+            if m is None:
+                raise _fail(path, n, f"{column} without a UTC offset among rows that have one")
+        raw = [s[: m.start()].rstrip() for s, m in zip(raw, matches, strict=True)]
+        offsets = np.array(
+            [0 if m[1] is None else (1 if m[1] == "+" else -1) * (int(m[2]) * 3600 + int(m[3]) * 60) for m in matches],
+            dtype=np.int64,
+        )
     try:
-        stamps = np.array(cols[0], dtype="datetime64[ns]")
+        stamps = np.array(raw, dtype="datetime64[ns]")
     except ValueError:
         stamps = None
     if stamps is None or np.any(np.isnat(stamps)):
-        for n, s in zip(line_no, cols[0], strict=True):
+        for n, s in zip(line_no, raw, strict=True):
             try:
                 ok = not np.isnat(np.datetime64(s, "ns"))
             except ValueError:
                 ok = False
             if not ok:
-                raise _fail(path, n, f"unparseable TIMESTAMP {s!r}") from None
+                raise _fail(path, n, f"unparseable {column} {s!r}") from None
         raise AssertionError("unreachable: vectorised parse failed but every timestamp parsed")
-    _check_order(path, ln, stamps.astype(np.int64), "TIMESTAMP")
-    arrival = (stamps - stamps[0]).astype(np.int64) / 1e9
+    ns = stamps.astype(np.int64)
+    return ns if offsets is None else ns - offsets * 1_000_000_000
 
+
+def _csv_trace(
+    path: Path,
+    line_no: list[int],
+    arrival_s: np.ndarray,
+    prompts: list[str],
+    outputs: list[str],
+    names: tuple[str, str],
+) -> Trace:
+    ln = np.asarray(line_no)
     lengths = []
     zero_counts = []
-    for k, col in ((1, "ContextTokens"), (2, "GeneratedTokens")):
-        values = _parse_floats(path, line_no, cols[k], col)
-        v, z = _lengths_to_int(path, ln, values, col, cols[k])
+    for raw, col in ((prompts, names[0]), (outputs, names[1])):
+        v, z = _lengths_to_int(path, ln, _parse_floats(path, line_no, raw, col), col, raw)
         lengths.append(v)
         zero_counts.append(z)
     return Trace(
         name=path.stem,
-        arrival_s=arrival,
+        arrival_s=arrival_s,
         prompt_len=lengths[0],
         output_len=lengths[1],
         source=str(path),
         clipped_prompts=zero_counts[0],
         clipped_outputs=zero_counts[1],
+    )
+
+
+def _azure(path: Path, lines: list[str], header: list[str]) -> Trace:
+    line_no, (stamps, prompts, outputs) = _csv_columns(path, lines, header, AZURE_COLUMNS)
+    ns = _timestamps_ns(path, line_no, stamps, "TIMESTAMP")
+    _check_order(path, np.asarray(line_no), ns, "TIMESTAMP")
+    return _csv_trace(path, line_no, (ns - ns[0]) / 1e9, prompts, outputs, AZURE_COLUMNS[1:])
+
+
+def _burstgpt(path: Path, lines: list[str], header: list[str]) -> Trace:
+    line_no, (stamps, prompts, outputs) = _csv_columns(path, lines, header, BURSTGPT_COLUMNS)
+    t = _parse_floats(path, line_no, stamps, "Timestamp")
+    ln = np.asarray(line_no)
+    for bad, fault in ((~np.isfinite(t), "non-finite"), (t < 0, "negative")):
+        if np.any(bad):
+            i = int(np.argmax(bad))
+            raise _fail(path, line_no[i], f"{fault} Timestamp {stamps[i]!r}")
+    _check_order(path, ln, t, "Timestamp")
+    return _csv_trace(path, line_no, t - t[0], prompts, outputs, BURSTGPT_COLUMNS[1:])
+
+
+def load_azure_csv(path: str | Path) -> Trace:
+    """Azure LLM inference trace CSV (`TIMESTAMP,ContextTokens,GeneratedTokens`): the 2023
+    traces' naive timestamps or the 2024 traces' UTC-offset ones."""
+    path = Path(path)
+    lines = _read_lines(path)
+    return _azure(path, lines, _csv_header(path, lines))
+
+
+def load_burstgpt_csv(path: str | Path) -> Trace:
+    """BurstGPT CSV (`Timestamp` in seconds, `Request tokens`, `Response tokens`; `Model`,
+    `Log Type` and other columns ignored). Its failed requests have 0 response tokens: they
+    are replayed as 1-token outputs and counted, as zero lengths are in every format."""
+    path = Path(path)
+    lines = _read_lines(path)
+    return _burstgpt(path, lines, _csv_header(path, lines))
+
+
+def load_csv(path: str | Path) -> Trace:
+    """A CSV trace, told by its header: Azure's columns or BurstGPT's."""
+    path = Path(path)
+    lines = _read_lines(path)
+    header = _csv_header(path, lines)
+    if all(c in header for c in AZURE_COLUMNS):
+        return _azure(path, lines, header)
+    if all(c in header for c in BURSTGPT_COLUMNS):
+        return _burstgpt(path, lines, header)
+    fmt = {"Azure": AZURE_COLUMNS, "BurstGPT": BURSTGPT_COLUMNS}
+    raise _fail(
+        path,
+        1,
+        "missing columns: the header has neither "
+        + " nor ".join(f"{k}'s ({', '.join(v)})" for k, v in fmt.items())
+        + f" (got {', '.join(header)})",
     )
 
 
@@ -545,7 +631,7 @@ def _accepted() -> str:
         f'"{k}:' + ",".join(f"{key}=..." for key in req) + '"' for k, (_, _, req) in SYNTHETIC_KINDS.items()
     )
     return (
-        f"accepted: shipped names {', '.join(list_traces())}; a path ending .csv (Azure) or .jsonl (Mooncake); "
+        f"accepted: shipped names {', '.join(list_traces())}; a path ending .csv (Azure or BurstGPT) or .jsonl (Mooncake); "
         f"or a synthetic spec {kinds} (optional keys prompt_median=, output_median=, prompt_sigma=, output_sigma=, seed=)"
     )
 
@@ -590,7 +676,7 @@ def load_trace(spec: str | Path, *, seed: int = 0) -> Trace:
     if isinstance(spec, Path) or str(spec).lower().endswith((".csv", ".jsonl")):
         path = Path(spec)
         if path.suffix.lower() == ".csv":
-            return load_azure_csv(path)
+            return load_csv(path)
         if path.suffix.lower() == ".jsonl":
             return load_mooncake_jsonl(path)
         raise TraceError(f"{path}: unknown trace file type {path.suffix!r}; {_accepted()}")

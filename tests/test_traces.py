@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from autoopt.engine.traces import (
     bursty,
     list_traces,
     load_azure_csv,
+    load_burstgpt_csv,
     load_mooncake_jsonl,
     load_trace,
     poisson,
@@ -141,6 +143,61 @@ def test_azure_columns_in_any_order_and_equal_timestamps(tmp_path):
     assert t.arrival_s.tolist() == [0.0, 0.0, 1.5]
     assert t.prompt_len.tolist() == [100, 200, 300]
     assert t.output_len.tolist() == [7, 8, 9]
+
+
+def test_azure_2024_timestamps_with_utc_offsets_are_read_in_utc(tmp_path):
+    p = tmp_path / "azure2024.csv"
+    p.write_text(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+        "2024-05-10 00:00:00.009930+00:00,2162,5\n"
+        "2024-05-10 00:00:01+00:00,100,50\n"  # no fractional part
+        "2024-05-10 01:00:02.5+01:00,300,20\n"  # 00:00:02.5 UTC, written an hour ahead
+        "2024-05-10T00:00:03Z,40,4\n"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy warns when it is left to guess a timezone
+        t = load_trace(p)
+    assert t.arrival_s == pytest.approx([0.0, 0.99007, 2.49007, 2.99007])
+    assert t.prompt_len.tolist() == [2162, 100, 300, 40]
+    mixed = tmp_path / "mixed.csv"
+    mixed.write_text(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n2024-05-10 00:00:00+00:00,1,1\n2024-05-10 00:00:01,1,1\n"
+    )
+    with pytest.raises(TraceError, match=r"mixed\.csv: line 3: TIMESTAMP without a UTC offset"):
+        load_azure_csv(mixed)
+
+
+def test_burstgpt_csv_is_told_by_its_header(tmp_path):
+    p = tmp_path / "BurstGPT_1.csv"
+    p.write_text(
+        "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+        "5,ChatGPT,472,18,490,Conversation log\n"
+        "5,GPT-4,1087,0,1087,API log\n"  # a failed request
+        "7.5,ChatGPT,30,250,280,Conversation log\n"
+    )
+    t = load_trace(str(p))
+    assert t == load_burstgpt_csv(p)
+    assert t.arrival_s.tolist() == [0.0, 0.0, 2.5]
+    assert t.prompt_len.tolist() == [472, 1087, 30]
+    assert t.output_len.tolist() == [18, 1, 250]
+    assert t.clipped_outputs == 1
+    back = tmp_path / "back.csv"
+    back.write_text("Timestamp,Request tokens,Response tokens\n9,1,1\n8,1,1\n")
+    with pytest.raises(TraceError, match=r"back\.csv: line 3: Timestamp out of order"):
+        load_trace(back)
+    neg = tmp_path / "neg.csv"
+    neg.write_text("Timestamp,Request tokens,Response tokens\n-1,1,1\n")
+    with pytest.raises(TraceError, match=r"neg\.csv: line 2: negative Timestamp"):
+        load_trace(neg)
+
+
+def test_a_csv_of_neither_format_names_both_headers(tmp_path):
+    p = tmp_path / "other.csv"
+    p.write_text("time,prompt,output\n0,1,1\n")
+    with pytest.raises(TraceError) as e:
+        load_trace(p)
+    msg = str(e.value)
+    assert "other.csv: line 1" in msg and "TIMESTAMP" in msg and "Request tokens" in msg, msg
 
 
 # --------------------------------------------------------------------------- malformed files
