@@ -167,6 +167,21 @@ def test_azure_2024_timestamps_with_utc_offsets_are_read_in_utc(tmp_path):
         load_azure_csv(mixed)
 
 
+def test_blank_lines_read_as_the_rows_around_them_and_count_in_line_numbers(tmp_path):
+    rows = ["2023-11-16 18:15:46.5,100,7", "2023-11-16 18:15:47.0,200,8", "2023-11-16 18:15:48.0,300,9"]
+    whole = tmp_path / "whole.csv"  # every row whole: split in one pass
+    whole.write_text(HDR + "\n".join(rows) + "\n")
+    gaps = tmp_path / "gaps.csv"  # blank lines: read row by row
+    gaps.write_text(HDR + rows[0] + "\n\n" + rows[1] + "\n  \n" + rows[2] + "\n")
+    a, b = load_trace(whole), load_trace(gaps)
+    assert a.arrival_s.tolist() == b.arrival_s.tolist() == [0.0, 0.5, 1.5]
+    assert a.prompt_len.tolist() == b.prompt_len.tolist() == [100, 200, 300]
+    bad = tmp_path / "bad_gaps.csv"
+    bad.write_text(HDR + rows[0] + "\n\n" + "2023-11-16 18:15:47.0,x,8\n")
+    with pytest.raises(TraceError, match=r"bad_gaps\.csv: line 4: non-numeric ContextTokens 'x'"):
+        load_trace(bad)
+
+
 def test_burstgpt_csv_is_told_by_its_header(tmp_path):
     p = tmp_path / "BurstGPT_1.csv"
     p.write_text(
