@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,15 +199,24 @@ class Trace:
 # --------------------------------------------------------------------------- file loaders
 
 
+_LINE_BREAK = re.compile(r"\r\n?|\n")
+
+
 def _read_lines(path: Path) -> list[str]:
+    """The file's lines, split at LF, CRLF or CR only (`str.splitlines` also splits at form
+    feeds and other separators, which would shift every later line number), without a
+    UTF-8 byte-order mark (spreadsheet exports write one, and it would hide the header)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise _fail(path, None, "file not found") from None
     except UnicodeDecodeError as e:
         line = path.read_bytes()[: e.start].count(b"\n") + 1
         raise _fail(path, line, "not UTF-8 text") from None
-    return text.splitlines()
+    lines = _LINE_BREAK.split(text)
+    if lines and not lines[-1]:
+        lines.pop()  # the final line break ends the last line rather than starting another
+    return lines
 
 
 def _lengths_to_int(
@@ -237,7 +247,7 @@ def _check_order(path: Path, lines: np.ndarray, t: np.ndarray, column: str) -> N
 AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 BURSTGPT_COLUMNS = ("Timestamp", "Request tokens", "Response tokens")
 # A UTC offset ending a timestamp: the Azure 2024 traces write `2024-05-10 00:00:00.009930+00:00`
-_UTC_OFFSET = re.compile(r"(?:Z|([+-])(\d{2}):?(\d{2}))$")
+_UTC_OFFSET = re.compile(r"(?:Z|([+-])([01]\d|2[0-3]):?([0-5]\d))$")
 
 
 def _csv_header(path: Path, lines: list[str]) -> list[str]:
@@ -285,20 +295,26 @@ def _timestamps_ns(path: Path, line_no: list[int], raw: list[str], column: str) 
     one trace either gives every row an offset or none. Parsed column-wise with numpy
     (datetime64[ns] keeps 7 fractional digits); on a failure the rows are re-parsed one by
     one to name the offending line."""
-    raw, offsets = _without_utc_offsets(path, line_no, raw, column)
-    try:
-        stamps = np.array(raw, dtype="datetime64[ns]")
-    except ValueError:
-        stamps = None
-    if stamps is None or np.any(np.isnat(stamps)):
-        for n, s in zip(line_no, raw, strict=True):
-            try:
-                ok = not np.isnat(np.datetime64(s, "ns"))
-            except ValueError:
-                ok = False
-            if not ok:
-                raise _fail(path, n, f"unparseable {column} {s!r}") from None
-        raise AssertionError("unreachable: vectorised parse failed but every timestamp parsed")
+    naive, offsets = _without_utc_offsets(path, line_no, raw, column)
+    # numpy reads an offset it is left with (`+05`, a second one, `+25:00`) with only a
+    # warning that it guessed: here any such leftover makes the row unparseable
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "no explicit representation of timezones", UserWarning)
+        try:
+            stamps = np.array(naive, dtype="datetime64[ns]")
+        except (ValueError, UserWarning):
+            stamps = None
+        if stamps is None or np.any(np.isnat(stamps)):
+            for n, s, original in zip(line_no, naive, raw, strict=True):
+                try:
+                    ok = not np.isnat(np.datetime64(s, "ns"))
+                except (ValueError, UserWarning):
+                    ok = False
+                if not ok:
+                    raise _fail(
+                        path, n, f"unparseable {column} {original!r} (a UTC offset is Z, ±HH:MM or ±HHMM)"
+                    ) from None
+            raise AssertionError("unreachable: vectorised parse failed but every timestamp parsed")
     ns = stamps.astype(np.int64)
     return ns if offsets is None else ns - offsets * 1_000_000_000
 
@@ -323,9 +339,9 @@ def _without_utc_offsets(
     matches = [_UTC_OFFSET.search(s, len(s) - 6) for s in raw]
     if not any(matches):
         return raw, None
-    for n, m in zip(line_no, matches, strict=True):
+    for n, m, original in zip(line_no, matches, raw, strict=True):
         if m is None:
-            raise _fail(path, n, f"{column} without a UTC offset among rows that have one")
+            raise _fail(path, n, f"{column} {original!r} lacks the UTC offset (Z, ±HH:MM or ±HHMM) other rows have")
     stripped = [s[: m.start()].rstrip() for s, m in zip(raw, matches, strict=True)]
     return stripped, np.array([_offset_s(m) for m in matches], dtype=np.int64)
 

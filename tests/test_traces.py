@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -163,8 +164,14 @@ def test_azure_2024_timestamps_with_utc_offsets_are_read_in_utc(tmp_path):
     mixed.write_text(
         "TIMESTAMP,ContextTokens,GeneratedTokens\n2024-05-10 00:00:00+00:00,1,1\n2024-05-10 00:00:01,1,1\n"
     )
-    with pytest.raises(TraceError, match=r"mixed\.csv: line 3: TIMESTAMP without a UTC offset"):
+    with pytest.raises(TraceError, match=r"mixed\.csv: line 3: TIMESTAMP '2024-05-10 00:00:01' lacks the UTC offset"):
         load_azure_csv(mixed)
+    # an offset numpy alone would read, with only a warning that it guessed: refused, quoted as written
+    for stamp in ("2024-05-10 00:00:01+05", "2024-05-10 00:00:01+01:00+00:00", "2024-05-10 00:00:01+25:00"):
+        odd = tmp_path / "odd.csv"
+        odd.write_text(f"TIMESTAMP,ContextTokens,GeneratedTokens\n2024-05-10 00:00:00+00:00,1,1\n{stamp},1,1\n")
+        with pytest.raises(TraceError, match=r"odd\.csv: line 3: .*" + re.escape(repr(stamp))):
+            load_azure_csv(odd)
 
 
 def test_blank_lines_read_as_the_rows_around_them_and_count_in_line_numbers(tmp_path):
@@ -180,6 +187,16 @@ def test_blank_lines_read_as_the_rows_around_them_and_count_in_line_numbers(tmp_
     bad.write_text(HDR + rows[0] + "\n\n" + "2023-11-16 18:15:47.0,x,8\n")
     with pytest.raises(TraceError, match=r"bad_gaps\.csv: line 4: non-numeric ContextTokens 'x'"):
         load_trace(bad)
+
+
+def test_a_byte_order_mark_and_stray_separators_neither_hide_the_header_nor_shift_line_numbers(tmp_path):
+    p = tmp_path / "bom.csv"
+    p.write_bytes(("\ufeff" + HDR + ROW).encode("utf-8"))  # as spreadsheet exports write it
+    assert load_trace(p).prompt_len.tolist() == [374]
+    q = tmp_path / "ff.csv"  # a form feed inside a field is not a line break
+    q.write_text(HDR + ROW.replace(",44", ",44\x0c") + "2023-11-16 18:15:47.0,x,1\n")
+    with pytest.raises(TraceError, match=r"ff\.csv: line 3: non-numeric ContextTokens"):
+        load_trace(q)
 
 
 def test_burstgpt_csv_is_told_by_its_header(tmp_path):
