@@ -16,4 +16,4 @@ python -c "import torch; print(torch.__version__, torch.cuda.get_device_name() i
 python -m autoopt.cli replay "${common[@]}" --knobs benchmarks/knobs_best_static.json --report "$out/replay_static.json"
 python -m autoopt.cli replay "${common[@]}" --knobs benchmarks/knobs_best_static.json --policy policies/shipped/h100-gpt2-small --report "$out/replay_policy.json"
 python -m autoopt.cli replay "${common[@]}" --report "$out/replay_default.json"
-python benchmarks/sim_vs_live.py --device cuda --calibrate --rounds 2 | tee "$out/sim_vs_live_cuda.txt"
+python benchmarks/sim_vs_live.py --device cuda --calibrate --rounds 2 --report "$out/sim_vs_live_cuda.json" | tee "$out/sim_vs_live_cuda.txt"

@@ -326,7 +326,7 @@ def _median_report(reports: list[dict[str, Any]]) -> dict[str, float]:
     return {key: statistics.median(float(r[key]) for r in reports) for key, _ in METRICS}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=sorted(SETUPS), default="cpu", help="cpu: tiny model; cuda: gpt2-small")
     p.add_argument("--profile", default=None, help="profile name or path (default: the device's shipped profile)")
@@ -341,7 +341,8 @@ def main() -> int:
         default=5,
         help="also simulate with the profile's noise on, over this many seeds (their median; 0: not)",
     )
-    a = p.parse_args()
+    p.add_argument("--report", type=Path, default=None, help="also write every figure printed to this JSON file")
+    a = p.parse_args(argv)
     setup = SETUPS[a.device]
     if setup.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device here")
@@ -381,6 +382,7 @@ def main() -> int:
     failed = 0
     judged = len(cases) * len(JUDGED)
     self_within = self_judged = 0
+    case_reports: list[dict[str, Any]] = []
     for case in cases:
         runs = live[case.name]
         reports = [x.report for x in runs]
@@ -400,6 +402,19 @@ def main() -> int:
             f"wall live {statistics.median(x.wall_s for x in runs):.1f} s, sim {sim.wall_s:.2f} s; "
             f"completed live {[x['completed'] for x in reports]} sim {sim.report['completed']}"
         )
+        figures: dict[str, dict[str, Any]] = {}
+        case_reports.append(
+            {
+                "case": case.name,
+                "trace": case.trace,
+                "load_scale": case.load_scale,
+                "duration_s": case.duration_s,
+                "requests": arrived,
+                "iter_live_over_sim": [x.iter_ratio for x in runs],
+                "slow_frac": [x.slow_frac for x in runs],
+                "metrics": figures,
+            }
+        )
         print(
             f"{'metric':<16}{'live':>12}{'spread':>9}{'live/live':>11}{'sim':>12}{'rel err':>10}  verdict  "
             f"{'sim+noise':>12}{'rel err':>10}"
@@ -418,6 +433,16 @@ def main() -> int:
             worst_self = f"{max(self_errs, key=abs):>+11.1%}" if self_errs else f"{'':>11}"
             verdict = ("PASS" if ok else "FAIL") + ("" if is_judged else " (info)")
             with_noise = f"{noisy_med[key]:>12.3f}{rel_err(med[key], noisy_med[key]):>+10.1%}" if noisy else ""
+            figures[key] = {
+                "live": values,
+                "live_median": med[key],
+                "live_self_errors": self_errs,
+                "sim": float(sim.report[key]),
+                "rel_err": err,
+                "judged": is_judged,
+                "within": ok,
+                "sim_noise": noisy_med.get(key),
+            }
             print(
                 f"{label:<16}{med[key]:>12.3f}{spread:>9.1%}{worst_self}{float(sim.report[key]):>12.3f}{err:>+10.1%}"
                 f"  {verdict:<7}  " + with_noise
@@ -435,6 +460,23 @@ def main() -> int:
             f"{self_within} of {self_judged} judged figures ({self_within / self_judged:.0%}; the sim: "
             f"{(judged - failed) / judged:.0%})"
         )
+    if a.report is not None:
+        summary = {
+            "device": setup.device,
+            "model": setup.model,
+            "profile": profile,
+            "calibrated": a.calibrate,
+            "rounds": a.rounds,
+            "tolerance": TOLERANCE,
+            "judged": judged,
+            "sim_within": judged - failed,
+            "live_self_judged": self_judged,
+            "live_self_within": self_within,
+            "cases": case_reports,
+        }
+        a.report.parent.mkdir(parents=True, exist_ok=True)
+        a.report.write_text(json.dumps(summary, indent=1, default=float))
+        print(f"report written to {a.report}")
     return 0
 
 

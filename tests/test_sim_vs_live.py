@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -91,7 +92,6 @@ def test_sim_and_live_agree_on_a_short_replay(tmp_path, one_thread):
 
 def test_pooled_profile_takes_each_rows_median(tmp_path):
     """Calibrations taken between the live rounds pool row by row (median ms, extreme min/max)."""
-    import json
 
     from autoopt.calibration.profile import load_profile, profile_path
 
@@ -116,7 +116,6 @@ def test_pooled_profile_takes_each_rows_median(tmp_path):
 
 def test_pooled_profile_pools_the_host_noise(tmp_path):
     """The rounds' noise probes pool into one: their mean weights and the union of their marginals."""
-    import json
 
     from autoopt.calibration.host_noise import HostNoise
     from autoopt.calibration.profile import profile_path
@@ -144,7 +143,6 @@ def test_pooled_profile_pools_the_host_noise(tmp_path):
 
 def test_recorder_reports_how_the_live_iterations_compare_with_the_profile(tmp_path, one_thread):
     """A profile 10x too fast: every live iteration is 'slow' and takes ~10x its prediction; 10x too slow: none."""
-    import json
 
     from autoopt.calibration.profile import profile_path
 
@@ -187,3 +185,20 @@ def test_live_self_errors_hold_each_replay_against_the_median_of_the_others():
     assert sum(abs(e) <= svl.TOLERANCE for e in errs) == 1
     assert svl.live_self_errors([5.0]) == []
     assert svl.live_self_errors([4.0, 4.0]) == [0.0, 0.0]
+
+
+def test_the_report_holds_the_figures_it_judged(tmp_path, one_thread):
+    svl = _benchmark()
+    out = tmp_path / "svl.json"
+    svl.main(["--only", "poisson", "--rounds", "2", "--duration", "2", "--noise-seeds", "1", "--report", str(out)])
+    rep = json.loads(out.read_text())
+    (case,) = rep["cases"]
+    assert case["case"].startswith("poisson") and case["requests"] > 10 and len(case["slow_frac"]) == 2
+    judged = [m for m in case["metrics"].values() if m["judged"]]
+    assert len(judged) == rep["judged"] == len(svl.JUDGED)
+    assert rep["sim_within"] == sum(m["within"] for m in judged)
+    assert rep["live_self_judged"] == 2 * len(judged)
+    for m in case["metrics"].values():
+        assert len(m["live"]) == 2 and m["live_median"] == pytest.approx(sum(m["live"]) / 2)
+        assert m["rel_err"] == pytest.approx(svl.rel_err(m["live_median"], m["sim"]))
+        assert m["within"] == (abs(m["rel_err"]) <= svl.TOLERANCE)
