@@ -1,7 +1,7 @@
 """Simulator versus live engine: the same trace, knobs and seed replayed twice.
 
     python benchmarks/sim_vs_live.py [--device cpu|cuda] [--profile P] [--calibrate] [--rounds 3]
-                                     [--duration 60] [--only NAME]
+                                     [--duration 60] [--only NAME] [--report OUT.json]
 
 Each scenario runs through `Engine` over `TorchExecutor` (the virtual clock advanced by
 each iteration's measured time) and over `SimExecutor` driven by the profile. Prints
