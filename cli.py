@@ -24,7 +24,11 @@ def _calibrate(argv: list[str]) -> int:
             prog="autoopt calibrate check", description="Compare a profile's predictions with measurements."
         )
         p.add_argument("--profile", required=True, help="a shipped profile name or a profile JSON path")
-        p.add_argument("--against", required=True, help="measurements in the format of prefill.jsonl / decode.jsonl")
+        p.add_argument(
+            "--against",
+            required=True,
+            help="measurements in the format of prefill.jsonl / decode.jsonl, or a profile JSON (its rows)",
+        )
         p.add_argument("--json", action="store_true", help="print the result as JSON")
         a = p.parse_args(argv[1:])
         from .calibration.check import check_main

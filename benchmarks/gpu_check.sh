@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The device check, in one call (GPU hosts): gpt2-small replays of the Azure excerpt on the
-# live engine under the best-static knobs and under the shipped guarded policy, then the
-# simulator against the live engine on this card (benchmarks/sim_vs_live.py --device cuda,
-# two rounds of calibrate + replay). Usage: bash benchmarks/gpu_check.sh OUTDIR [DEVICE] [MODEL]
+# live engine under the best-static knobs and under the shipped guarded policy; a quick
+# calibration of this card (2 minutes at most) and `calibrate check` of the shipped profiles
+# against it; then the simulator against the live engine on this card
+# (benchmarks/sim_vs_live.py --device cuda, two rounds of calibrate + replay).
+# Usage: bash benchmarks/gpu_check.sh OUTDIR [DEVICE] [MODEL]
 set -euo pipefail
 out=${1:-out}; device=${2:-cuda}; model=${3:-gpt2-small}
 mkdir -p "$out"
@@ -16,4 +18,8 @@ python -c "import torch; print(torch.__version__, torch.cuda.get_device_name() i
 python -m autoopt.cli replay "${common[@]}" --knobs benchmarks/knobs_best_static.json --report "$out/replay_static.json"
 python -m autoopt.cli replay "${common[@]}" --knobs benchmarks/knobs_best_static.json --policy policies/shipped/h100-gpt2-small --report "$out/replay_policy.json"
 python -m autoopt.cli replay "${common[@]}" --report "$out/replay_default.json"
+python -m autoopt.cli calibrate --model "$model" --device "$device" --quick --budget-s 120 --no-progress --out "$out/profile.json"
+for shipped in h100-gpt2-small-engine h100-gpt2-small; do
+  python -m autoopt.cli calibrate check --profile "$shipped" --against "$out/profile.json" | tee "$out/check_$shipped.txt"
+done
 python benchmarks/sim_vs_live.py --device cuda --calibrate --rounds 2 --report "$out/sim_vs_live_cuda.json" | tee "$out/sim_vs_live_cuda.txt"

@@ -72,13 +72,43 @@ def _kind(row: Mapping[str, Any]) -> str:
     return "prefill" if has_l else "decode"
 
 
+def _profile_rows(path: Path, text: str) -> list[tuple[str, dict[str, Any]]] | None:
+    """The measured rows of a profile JSON (`autoopt calibrate --out`), or None if `text` is not one:
+    a profile made on one card checks another profile with no conversion step."""
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(doc, dict) or not any(isinstance(doc.get(k), list) for k in ("prefill", "decode")):
+        return None
+    out = []
+    for kind in ("prefill", "decode"):
+        for i, row in enumerate(doc.get(kind) or []):
+            where = f"{path}:{kind}[{i}]"
+            if not isinstance(row, dict):
+                raise CheckError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            try:
+                if _kind(row) != kind:
+                    raise ValueError(f"a {_kind(row)} row among the {kind} rows")
+                normalise_row(row, kind)
+            except ValueError as exc:
+                raise CheckError(f"{where}: {exc}") from exc
+            out.append((where, row))
+    if not out:
+        raise CheckError(f"{path}: a profile with no prefill or decode rows to check")
+    return out
+
+
 def load_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
-    """Read a .jsonl of measured rows: [(\"file:line\", row)]. CheckError names the bad line."""
+    """Read measured rows: a .jsonl of them ([(\"file:line\", row)]), or a profile JSON's
+    prefill and decode rows. CheckError names the bad line or row."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as exc:
         raise CheckError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    if path.suffix.lower() == ".json" and (rows := _profile_rows(path, text)) is not None:
+        return rows
     out = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():

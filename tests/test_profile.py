@@ -193,3 +193,21 @@ def test_check_main_outputs_and_errors(shipped, tmp_path, capsys):
     with pytest.raises(CheckError, match=r"neither.jsonl:1: row has neither 'L'"):
         load_rows(neither)
     assert check_main("no-such-profile", good) == 2
+
+
+def test_a_profile_json_checks_another_profile_by_its_rows(shipped, tmp_path):
+    """`calibrate check --against` a profile made on another card: its rows, as if from .jsonl."""
+    reduced, held = _held_out(shipped)
+    as_jsonl = tmp_path / "held.jsonl"
+    as_jsonl.write_text("\n".join(json.dumps(r) for r in held) + "\n")
+    other = shipped.to_dict()
+    other["prefill"] = [r for r in held if "L" in r]
+    other["decode"] = [r for r in held if "C" in r]
+    as_profile = _write(tmp_path, other, "other-card.json")
+    rows = load_rows(as_profile)
+    assert [r for _, r in rows] == [r for _, r in load_rows(as_jsonl)]
+    assert rows[0][0] == f"{as_profile}:prefill[0]"
+    assert check_profile(reduced, rows).mape == pytest.approx(check_profile(reduced, load_rows(as_jsonl)).mape)
+    other["decode"][0] = {k: v for k, v in other["decode"][0].items() if k != "C"}
+    with pytest.raises(CheckError, match=r"other-card.json:decode\[0\]: row has neither 'L'"):
+        load_rows(_write(tmp_path, other, "other-card.json"))
