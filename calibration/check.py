@@ -72,6 +72,20 @@ def _kind(row: Mapping[str, Any]) -> str:
     return "prefill" if has_l else "decode"
 
 
+def _checked(where: str, row: Any, kind: str | None = None) -> dict[str, Any]:
+    """`row` if it is a valid measured row (of `kind`, when given); else CheckError at `where`."""
+    if not isinstance(row, dict):
+        raise CheckError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    try:
+        found = _kind(row)
+        if kind is not None and found != kind:
+            raise ValueError(f"a {found} row among the {kind} rows")
+        normalise_row(row, found)
+    except ValueError as exc:
+        raise CheckError(f"{where}: {exc}") from exc
+    return row
+
+
 def _profile_rows(path: Path, text: str) -> list[tuple[str, dict[str, Any]]] | None:
     """The measured rows of a profile JSON (`autoopt calibrate --out`), or None if `text` is not one:
     a profile made on one card checks another profile with no conversion step."""
@@ -81,22 +95,12 @@ def _profile_rows(path: Path, text: str) -> list[tuple[str, dict[str, Any]]] | N
         return None
     if not isinstance(doc, dict) or not any(isinstance(doc.get(k), list) for k in ("prefill", "decode")):
         return None
-    out = []
-    for kind in ("prefill", "decode"):
-        for i, row in enumerate(doc.get(kind) or []):
-            where = f"{path}:{kind}[{i}]"
-            if not isinstance(row, dict):
-                raise CheckError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            try:
-                if _kind(row) != kind:
-                    raise ValueError(f"a {_kind(row)} row among the {kind} rows")
-                normalise_row(row, kind)
-            except ValueError as exc:
-                raise CheckError(f"{where}: {exc}") from exc
-            out.append((where, row))
-    if not out:
-        raise CheckError(f"{path}: a profile with no prefill or decode rows to check")
-    return out
+    return [
+        (where, _checked(where, row, kind))
+        for kind in ("prefill", "decode")
+        for i, row in enumerate(doc.get(kind) or [])
+        for where in [f"{path}:{kind}[{i}]"]
+    ]
 
 
 def load_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
@@ -107,26 +111,20 @@ def load_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
         text = path.read_text()
     except OSError as exc:
         raise CheckError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    if path.suffix.lower() == ".json" and (rows := _profile_rows(path, text)) is not None:
-        return rows
-    out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise CheckError(f"{where}: not valid JSON ({exc.msg})") from exc
-        if not isinstance(row, dict):
-            raise CheckError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        if row.get("summary"):
-            continue
-        try:
-            normalise_row(row, _kind(row))
-        except ValueError as exc:
-            raise CheckError(f"{where}: {exc}") from exc
-        out.append((where, row))
+    out = _profile_rows(path, text) if path.suffix.lower() == ".json" else None
+    if out is None:
+        out = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CheckError(f"{where}: not valid JSON ({exc.msg})") from exc
+            if isinstance(row, dict) and row.get("summary"):
+                continue
+            out.append((where, _checked(where, row)))
     if not out:
         raise CheckError(f"{path}: no rows to check")
     return out
