@@ -200,6 +200,7 @@ class Trace:
 
 
 _LINE_BREAK = re.compile(r"\r\n?|\n")
+_NS_FIRST, _NS_END = np.datetime64("1678-01-01", "us"), np.datetime64("2262-01-01", "us")
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -315,6 +316,13 @@ def _timestamps_ns(path: Path, line_no: list[int], raw: list[str], column: str) 
                         path, n, f"unparseable {column} {original!r} (a UTC offset is Z, ±HH:MM or ±HHMM)"
                     ) from None
             raise AssertionError("unreachable: vectorised parse failed but every timestamp parsed")
+        # nanoseconds reach only the years 1678-2261 and numpy wraps silently beyond (year
+        # 3000 or a bare number such as `1`, read as year 1, would give garbage arrivals)
+        wide = np.array(naive, dtype="datetime64[us]")
+        outside = (wide < _NS_FIRST) | (wide >= _NS_END)
+        if np.any(outside):
+            i = int(np.argmax(outside))
+            raise _fail(path, line_no[i], f"{column} {raw[i]!r} is outside the years 1678-2261")
     ns = stamps.astype(np.int64)
     return ns if offsets is None else ns - offsets * 1_000_000_000
 

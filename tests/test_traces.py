@@ -243,6 +243,8 @@ BAD_CSV = [
     ("nonnum_len.csv", HDR + ROW + "2023-11-16 18:15:47.0,abc,3\n", 3, "non-numeric"),
     ("nonnum_out.csv", HDR + ROW + ROW + "2023-11-16 18:15:47.0,3,\n", 4, "non-numeric"),
     ("bad_time.csv", HDR + ROW + "yesterday,5,3\n", 3, "TIMESTAMP"),
+    ("year_3000.csv", HDR + ROW + "3000-01-01 00:00:00,5,3\n", 3, "outside the years"),
+    ("seconds.csv", HDR + "1,5,3\n2,5,3\n", 2, "outside the years"),  # a number is read as a year
     ("neg_len.csv", HDR + ROW + "2023-11-16 18:15:47.0,-5,3\n", 3, "negative"),
     ("nan_len.csv", HDR + ROW + "2023-11-16 18:15:47.0,5,nan\n", 3, "NaN"),
     ("frac_len.csv", HDR + ROW + "2023-11-16 18:15:47.0,5.5,3\n", 3, "non-integer"),
