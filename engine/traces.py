@@ -312,9 +312,9 @@ def _timestamps_ns(path: Path, line_no: list[int], raw: list[str], column: str) 
                 except (ValueError, UserWarning):
                     ok = False
                 if not ok:
-                    raise _fail(
-                        path, n, f"unparseable {column} {original!r} (a UTC offset is Z, ±HH:MM or ±HHMM)"
-                    ) from None
+                    # the offset hint only where the stamp seems to carry one
+                    hint = " (a UTC offset is Z, ±HH:MM or ±HHMM)" if s != original or "+" in s[-6:] else ""
+                    raise _fail(path, n, f"unparseable {column} {original!r}{hint}") from None
             raise AssertionError("unreachable: vectorised parse failed but every timestamp parsed")
         # nanoseconds reach only the years 1678-2261 and numpy wraps silently beyond (year
         # 3000 or a bare number such as `1`, read as year 1, would give garbage arrivals)

@@ -172,6 +172,14 @@ def test_azure_2024_timestamps_with_utc_offsets_are_read_in_utc(tmp_path):
         odd.write_text(f"TIMESTAMP,ContextTokens,GeneratedTokens\n2024-05-10 00:00:00+00:00,1,1\n{stamp},1,1\n")
         with pytest.raises(TraceError, match=r"odd\.csv: line 3: .*" + re.escape(repr(stamp))):
             load_azure_csv(odd)
+    hours = tmp_path / "hours.csv"  # `+05` on every row: named with the forms an offset takes
+    hours.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2024-05-10 00:00:00+05,1,1\n")
+    with pytest.raises(TraceError, match=r"line 2: unparseable TIMESTAMP '2024-05-10 00:00:00\+05' \(a UTC offset is"):
+        load_azure_csv(hours)
+    words = tmp_path / "words.csv"  # no offset in sight: no hint about one
+    words.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\nyesterday,1,1\n")
+    with pytest.raises(TraceError, match=r"line 2: unparseable TIMESTAMP 'yesterday'$"):
+        load_azure_csv(words)
 
 
 def test_blank_lines_read_as_the_rows_around_them_and_count_in_line_numbers(tmp_path):
