@@ -161,7 +161,12 @@ def test_recorder_reports_how_the_live_iterations_compare_with_the_profile(tmp_p
         run = bench.replay(case, str(path), "live")
         assert run.report["completed"] == run.report["arrived"] > 10
         ratios[scale] = run.iter_ratio
-        assert run.slow_frac == (1.0 if scale < 1 else 0.0)
+        # 10x too slow: a live iteration counts as slow only past 13x its own typical time,
+        # which a host stall (page faults, a collection) does to about one in a thousand here
+        if scale < 1:
+            assert run.slow_frac == 1.0
+        else:
+            assert run.slow_frac < 0.01
     assert ratios[0.1] > 3.0 and ratios[10.0] < 0.3
     assert 50 < ratios[0.1] / ratios[10.0] < 200  # the same batches: the ratios differ by the profiles' 100x
 
