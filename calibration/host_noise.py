@@ -18,7 +18,7 @@ two steps `lag` seconds apart is sum_k w_k exp(-lag / tau_k).
 
 `fit_host_noise` takes a timed series (times, multipliers) and returns a `HostNoise`:
 `autoopt calibrate` measures one with back-to-back steps of a fixed batch
-(`probe_host_noise` in calibrate.py), `SimExecutor(noise=True)` replays it with a
+(`probe_host_noise` in noise_probe.py), `SimExecutor(noise=True)` replays it with a
 `NoiseProcess`, through the marginal the calibration grid measured per kind of step (the
 probe's own marginal, of one small decode step, is wider than a prefill's: on the VM its
 mean was 1.12x its median where the grid's prefills and decode steps gave 1.04x).

@@ -9,7 +9,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from autoopt.calibration.calibrate import alloc_stream, calibrate, calibrate_main, default_grid, prompt_length
+from autoopt.calibration.alloc_pressure import alloc_stream
+from autoopt.calibration.calibrate import calibrate, calibrate_main
+from autoopt.calibration.grid import default_grid, prompt_length
 from autoopt.calibration.host_noise import HostNoise
 
 BACKENDS = {"flash", "efficient", "math", "cudnn"}
