@@ -1,6 +1,6 @@
 """autoopt.policies: the trained policy as the engine runs it.
 
-Importing this package loads numpy and `runtime.py` only: never torch, stable-baselines3 or
+Importing this package loads numpy, `runtime.py` and `policy_file.py` only: never torch, stable-baselines3 or
 gymnasium, so the serving process stays small. `export_policy` (which needs them) is loaded
 on first use.
 """
@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .runtime import FORMAT_VERSION, PolicyFileError, RuntimePolicy
+from .policy_file import FORMAT_VERSION, PolicyFileError
+from .runtime import RuntimePolicy
 
 __all__ = ["FORMAT_VERSION", "SHIPPED_DIR", "PolicyFileError", "RuntimePolicy", "export_policy", "resolve_policy"]
 

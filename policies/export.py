@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from .runtime import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, WEIGHTS_NAME, RuntimePolicy
+from .policy_file import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, WEIGHTS_NAME
+from .runtime import RuntimePolicy
 
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed member dates: the same model exports to the same bytes
 
