@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..engine.device import OOM_ERRORS, allocator_settings_string
 from ..engine.knobs import ALLOCATOR_MODES
 from ..engine.model import SDPA_BACKENDS, DecoderLM, model_config
-from ..engine.torch_executor import OOM_ERRORS, allocator_settings_string
 from .alloc_model import AllocatorModel
 from .measure import Clock, error_text, run_with_peak
 

@@ -34,9 +34,10 @@ from typing import Any
 
 import torch
 
+from ..engine.device import resolve_device
 from ..engine.knobs import Knobs
 from ..engine.model import model_config
-from ..engine.torch_executor import TorchExecutor, resolve_device
+from ..engine.torch_executor import TorchExecutor
 from .alloc_pressure import fit_allocator, run_alloc_pressure
 from .grid import PREFILL_LENGTHS, STATS, default_grid, device_combos, grid_points, merge_grid
 from .grid_run import GridRun

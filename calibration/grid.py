@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from ..engine.device import DTYPES
 from ..engine.knobs import HALF_ONLY_KERNELS, HALF_PRECISIONS
 from ..engine.model import SDPA_BACKENDS
-from ..engine.torch_executor import DTYPES
 
 # a point's ms: the median of its samples, or the "expected" time (grid_run._point_ms)
 STATS = ("median", "expected")

@@ -10,10 +10,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..engine.device import DTYPES
 from ..engine.executor import Batch
 from ..engine.model import round_ctx, transient_bytes
 from ..engine.request import Request
-from ..engine.torch_executor import DTYPES, TorchExecutor
+from ..engine.torch_executor import TorchExecutor
 from .grid import cold_prompt_lengths, prompt_length
 from .host_noise import QUANTILES, equal_probability_quantiles
 from .measure import Clock, error_text, free_cuda, run_with_peak, step_ms

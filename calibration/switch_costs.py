@@ -10,8 +10,9 @@ from typing import Any
 
 import torch
 
+from ..engine.device import apply_allocator
 from ..engine.knobs import Knobs
-from ..engine.torch_executor import TorchExecutor, apply_allocator
+from ..engine.torch_executor import TorchExecutor
 from .measure import free_cuda, sync
 
 

@@ -280,7 +280,7 @@ def test_cuda_real_oom_is_returned_not_raised() -> None:
 
 
 def test_allocator_settings_strings() -> None:
-    from autoopt.engine.torch_executor import allocator_settings_string
+    from autoopt.engine.device import allocator_settings_string
 
     assert allocator_settings_string("default") == "expandable_segments:False"
     assert allocator_settings_string("expandable") == "expandable_segments:True"
@@ -297,7 +297,7 @@ def test_cpu_malloc_is_pinned_so_activations_do_not_refault() -> None:
     import platform
     import resource
 
-    from autoopt.engine.torch_executor import pin_cpu_malloc
+    from autoopt.engine.device import pin_cpu_malloc
 
     ex = TorchExecutor("tiny", "cpu", max_slots=24, knobs=Knobs(attention="math", precision="fp32"))
     assert ex.cpu_malloc is pin_cpu_malloc()  # once per process
@@ -346,9 +346,9 @@ def test_reference_decode_probe_refuses_an_executor_that_is_serving(ex: TorchExe
 def test_reference_decode_probe_out_of_memory_reads_as_a_kernel_that_cannot_run(ex: TorchExecutor) -> None:
     """A tight cap can leave no room for the probe's batch: the engine still starts, the
     kernel is marked as one that cannot run, and the knobs are back as they were."""
+    from autoopt.engine.device import OOM_ERRORS
     from autoopt.engine.engine import Engine
     from autoopt.engine.features import FEATURE_NAMES, ObservationBuilder
-    from autoopt.engine.torch_executor import OOM_ERRORS
 
     real = ex.time_decode
 
