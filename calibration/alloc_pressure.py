@@ -1,5 +1,5 @@
 """The CUDA caching allocator under memory pressure: a stream of variable-shape batches
-served under a memory cap, once per allocator config, each in a fresh process. Gives rows
+served once per (allocator config, memory cap; 0: uncapped), each in a fresh process. Gives rows
 in the format of the shared H100 alloc.jsonl and the allocator model fitted to them."""
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ the run.
 
 The parts live beside it: the grid (grid.py), its timing (grid_run.py), the host-noise
 probe (noise_probe.py), the switch costs (switch_costs.py) and the allocator pressure runs
-(alloc_pressure.py); this module runs them in turn and writes the profile.
+(alloc_pressure.py), with what they share in measure.py; this module runs them in turn and
+writes the profile.
 
 CLI: autoopt calibrate --model M --device D --out PROFILE.json [--budget-s S] [--quick] [--threads N]
 """

@@ -1,5 +1,6 @@
-"""Timing primitives shared by the calibration's parts: a budget clock, device syncs,
-the transient memory of a call, one engine iteration's time and a short error text."""
+"""What the calibration's parts share: a budget clock, device syncs and cache release,
+the transient memory of a call, one engine iteration's time, and the short error text a
+failed part leaves in the profile's provenance."""
 
 from __future__ import annotations
 

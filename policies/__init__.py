@@ -1,7 +1,7 @@
 """autoopt.policies: the trained policy as the engine runs it.
 
-Importing this package loads numpy, `runtime.py` and `policy_file.py` only: never torch, stable-baselines3 or
-gymnasium, so the serving process stays small. `export_policy` (which needs them) is loaded
+Importing this package loads numpy, `runtime.py` and `policy_file.py` only: never torch,
+stable-baselines3 or gymnasium, so the serving process stays small. `export_policy` (which needs them) is loaded
 on first use.
 """
 
