@@ -313,6 +313,24 @@ def pool_profiles(paths: list[str], out: Path) -> str:
     return str(out)
 
 
+def calibration_drift(paths: list[str], pooled: str) -> list[dict[str, float]]:
+    """Each calibration against the pool, per kind: the geometric mean of its rows' ms over
+    the pooled rows'. Calibrations of one host minutes apart differ (on the development VM,
+    back-to-back ones by up to ~13% on decode rows), and a round's `iter live/sim` is
+    measured against its own calibration: this says which of them strayed."""
+    pool = json.loads(Path(pooled).read_text())
+    out = []
+    for path in paths:
+        prof = json.loads(Path(path).read_text())
+        drift = {}
+        for kind in ("prefill", "decode"):
+            ref = {_row_key(kind, r): r["ms"] for r in pool[kind]}
+            logs = [math.log(r["ms"] / ref[k]) for r in prof[kind] if (k := _row_key(kind, r)) in ref]
+            drift[kind] = math.exp(statistics.fmean(logs)) if logs else math.nan
+        out.append(drift)
+    return out
+
+
 def live_self_errors(values: list[float]) -> list[float]:
     """Each live replay's relative error against the median of the others: how well the
     live engine agrees with itself on this host, the floor under any simulator's error.
@@ -369,6 +387,15 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
     profile = pool_profiles(calibrations, tmp / "pooled.json") if calibrations else shipped
+    drift = calibration_drift(calibrations, profile) if calibrations else []
+    if drift:
+        print(
+            "calibrations against the pool (geometric mean of row ms): "
+            + "; ".join(
+                f"round {i + 1} prefill x{d['prefill']:.3f} decode x{d['decode']:.3f}" for i, d in enumerate(drift)
+            ),
+            flush=True,
+        )
     k = setup.knobs
     print(
         f"\n{setup.model} on {setup.device}; profile {profile}; knobs {k.attention}/{k.precision}"
@@ -467,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
             "profile": profile,
             "calibrated": a.calibrate,
             "rounds": a.rounds,
+            "calibration_drift": drift,
             "tolerance": TOLERANCE,
             "judged": judged,
             "sim_within": judged - failed,

@@ -112,6 +112,8 @@ def test_pooled_profile_takes_each_rows_median(tmp_path):
             assert math.isclose(got["ms_min"], want["ms_min"]) and math.isclose(got["ms_max"], 4.0 * want["ms_max"])
     timing = pooled.provenance["timing"]
     assert [[n, round(ms, 6)] for n, ms in timing["decode_after_prefill_ms_by_prompt"]] == [[64, 0.2], [511, 0.6]]
+    drift = bench.calibration_drift(paths, str(tmp_path / "pooled.json"))
+    assert [round(d["prefill"], 9) for d in drift] == [round(d["decode"], 9) for d in drift] == [0.5, 2.0, 1.0]
 
 
 def test_pooled_profile_pools_the_host_noise(tmp_path):
