@@ -75,8 +75,13 @@ class AIMDTeacher:
     """
 
     def __init__(
-        self, base: Knobs, down: float = 0.95, up: float = 1.05, oom_threshold: float = 0.05,
-        pressure_allocator: str | None = "expandable", pressure_headroom: float = 0.0,
+        self,
+        base: Knobs,
+        down: float = 0.95,
+        up: float = 1.05,
+        oom_threshold: float = 0.05,
+        pressure_allocator: str | None = "expandable",
+        pressure_headroom: float = 0.0,
     ) -> None:
         self.base_action = knobs_to_action(base)
         self.limit_heads = [KNOB_NAMES.index(name) for name in LIMIT_KNOBS]
@@ -96,14 +101,21 @@ class AIMDTeacher:
             head = KNOB_NAMES.index("allocator")
             entry = ACTION_TABLES[head][1].index(pressure_allocator)
             self._allocator = (
-                head, entry, head_slices()[head].start + entry,
+                head,
+                entry,
+                head_slices()[head].start + entry,
                 FEATURE_NAMES.index(f"knob_allocator={pressure_allocator}"),
             )
         # where each categorical knob in force sits in the observation (one-hot or 0/1)
         self._in_force = [
-            (h, [FEATURE_NAMES.index(f"knob_{name}={v}") for v in values] if len(values) > 2
-             else [FEATURE_NAMES.index(f"knob_{name}")])
-            for h, (name, values) in enumerate(ACTION_TABLES) if name not in LIMIT_KNOBS
+            (
+                h,
+                [FEATURE_NAMES.index(f"knob_{name}={v}") for v in values]
+                if len(values) > 2
+                else [FEATURE_NAMES.index(f"knob_{name}")],
+            )
+            for h, (name, values) in enumerate(ACTION_TABLES)
+            if name not in LIMIT_KNOBS
         ]
 
     def act(self, obs: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:

@@ -40,8 +40,13 @@ class LearnedPolicy:
     """Any actor with `act(obs, mask)`, guarded as in the engine."""
 
     def __init__(
-        self, actor: Policy, device_type: str, name: str = "ppo", fallback: Knobs | None = None,
-        max_costly_switches_per_s: float = 1.0, decide_every: int | None = None,
+        self,
+        actor: Policy,
+        device_type: str,
+        name: str = "ppo",
+        fallback: Knobs | None = None,
+        max_costly_switches_per_s: float = 1.0,
+        decide_every: int | None = None,
         decide_every_s: float | None = None,
     ) -> None:
         self.name = name

@@ -77,7 +77,9 @@ def main() -> None:
     model_s, control_s = measure(a.model, a.iterations)
     print(f"model {a.model} on cpu, {torch.get_num_threads()} threads, median over {a.iterations} iterations")
     print(f"{'':<26}{'model ms':>10}{'control us':>12}{'control/iter':>14}")
-    print(f"{'engine, static knobs':<26}{model_s * 1e3:>10.2f}{control_s * 1e6:>12.1f}{control_s / (model_s + control_s):>14.3%}")
+    print(
+        f"{'engine, static knobs':<26}{model_s * 1e3:>10.2f}{control_s * 1e6:>12.1f}{control_s / (model_s + control_s):>14.3%}"
+    )
     try:
         from autoopt.policies import resolve_policy
         from autoopt.policies.guard import GuardedPolicy
@@ -100,9 +102,13 @@ def main() -> None:
 
     model_p, control_p = measure(a.model, a.iterations, controller=query_only)
     g = statistics.median(guard_s)
-    print(f"{'engine + guarded policy':<26}{model_p * 1e3:>10.2f}{control_p * 1e6:>12.1f}{control_p / (model_p + control_p):>14.3%}")
-    print(f"guarded policy query: median {g * 1e6:.1f} us = {g / (model_p + control_p):.4%} of an iteration "
-          f"(target < 1%); fallbacks {guard.fallbacks}")
+    print(
+        f"{'engine + guarded policy':<26}{model_p * 1e3:>10.2f}{control_p * 1e6:>12.1f}{control_p / (model_p + control_p):>14.3%}"
+    )
+    print(
+        f"guarded policy query: median {g * 1e6:.1f} us = {g / (model_p + control_p):.4%} of an iteration "
+        f"(target < 1%); fallbacks {guard.fallbacks}"
+    )
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ def reference_shape(capacity: Capacity) -> tuple[int, int]:
 def probe_card(executor: Executor) -> dict[str, float | None]:
     """ms of the reference decode step per attention kernel (None: the device cannot run it)."""
     return {
-        kernel: float(executor.reference_decode_ms(kernel)) if value_allowed("attention", kernel, executor.device_type)
+        kernel: float(executor.reference_decode_ms(kernel))
+        if value_allowed("attention", kernel, executor.device_type)
         else None
         for kernel in ATTENTION_KERNELS
     }

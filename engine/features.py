@@ -69,7 +69,7 @@ FEATURES: tuple[tuple[str, float, float, str], ...] = BASE_FEATURES + CARD_FEATU
 # The limits lead the knob tables, so the knob features are the limits', then the rest's.
 assert tuple(name for name, _ in KNOB_TABLES[: len(LIMIT_KNOBS)]) == LIMIT_KNOBS
 _LIMIT_TABLES = KNOB_TABLES[: len(LIMIT_KNOBS)]
-_CATEGORICAL_TABLES = KNOB_TABLES[len(LIMIT_KNOBS):]
+_CATEGORICAL_TABLES = KNOB_TABLES[len(LIMIT_KNOBS) :]
 FEATURE_NAMES: tuple[str, ...] = tuple(f[0] for f in FEATURES)
 LOW = np.array([f[1] for f in FEATURES], dtype=np.float32)
 HIGH = np.array([f[2] for f in FEATURES], dtype=np.float32)

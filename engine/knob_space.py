@@ -179,11 +179,15 @@ def _with_limits(knobs: Knobs, seqs: int, tokens: int) -> Knobs:
 
 
 @functools.lru_cache(maxsize=4096)
-def _decode_cached(action: tuple[int, ...], device_type: str) -> tuple[Knobs, tuple[float, ...] | None, tuple[str, ...]]:
+def _decode_cached(
+    action: tuple[int, ...], device_type: str
+) -> tuple[Knobs, tuple[float, ...] | None, tuple[str, ...]]:
     return _decode(action, device_type)
 
 
-def _decode(action: Sequence[int] | np.ndarray, device_type: str) -> tuple[Knobs, tuple[float, ...] | None, tuple[str, ...]]:
+def _decode(
+    action: Sequence[int] | np.ndarray, device_type: str
+) -> tuple[Knobs, tuple[float, ...] | None, tuple[str, ...]]:
     """The categorical knobs (limits left at their defaults), the limit moves, the repairs."""
     flags: list[str] = []
     try:

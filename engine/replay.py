@@ -33,17 +33,30 @@ SUMMARY_FIELDS = (
 
 
 def add_replay_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--trace", default="azure-conv", help="a trace file (.csv Azure, .jsonl Mooncake), a shipped name, or a synthetic spec")
-    p.add_argument("--backend", choices=("live", "sim"), default="live", help="live torch engine or the calibrated simulator")
+    p.add_argument(
+        "--trace",
+        default="azure-conv",
+        help="a trace file (.csv Azure, .jsonl Mooncake), a shipped name, or a synthetic spec",
+    )
+    p.add_argument(
+        "--backend", choices=("live", "sim"), default="live", help="live torch engine or the calibrated simulator"
+    )
     p.add_argument("--model", default="tiny", help="model preset for the live engine: tiny | gpt2-small")
     p.add_argument("--profile", default=None, help="profile for --backend sim (default: cpu-tiny on a CPU)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--speedup", type=float, default=1.0, help="divide inter-arrival times by this factor")
     p.add_argument("--start", type=float, default=0.0, help="start of the trace window, seconds (after speed-up)")
     p.add_argument("--duration", type=float, default=60.0, help="length of the trace window, seconds (after speed-up)")
-    p.add_argument("--drain", type=float, default=None, help="seconds allowed after the window to finish in-flight work (default: the window's length)")
+    p.add_argument(
+        "--drain",
+        type=float,
+        default=None,
+        help="seconds allowed after the window to finish in-flight work (default: the window's length)",
+    )
     p.add_argument("--knobs", type=Path, default=None, help="JSON file of knob values")
-    p.add_argument("--policy", type=Path, default=None, help="an exported runtime policy to set the knobs every iteration")
+    p.add_argument(
+        "--policy", type=Path, default=None, help="an exported runtime policy to set the knobs every iteration"
+    )
     p.add_argument("--max-switches-per-s", type=float, default=1.0, help="with --policy: rate limit on costly switches")
     p.add_argument("--slo-ttft-ms", type=float, default=1000.0)
     p.add_argument("--slo-tpot-ms", type=float, default=100.0)
@@ -80,7 +93,9 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
 
         policy = RuntimePolicy.load(args.policy)
         controller = GuardedPolicy(
-            policy, device_type=executor.device_type, fallback=knobs,
+            policy,
+            device_type=executor.device_type,
+            fallback=knobs,
             max_costly_switches_per_s=args.max_switches_per_s,
         )
     engine = Engine(
@@ -120,7 +135,9 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def format_summary(report: dict[str, Any]) -> str:
-    lines = [f"replay of {report.get('trace')} ({report['device']}, {report['clock']} clock, {report['iterations']} iterations)"]
+    lines = [
+        f"replay of {report.get('trace')} ({report['device']}, {report['clock']} clock, {report['iterations']} iterations)"
+    ]
     for key, label, fmt in SUMMARY_FIELDS:
         v = report.get(key)
         if v is None or (isinstance(v, float) and math.isnan(v)):

@@ -55,9 +55,7 @@ class Scheduler:
         self.arrived += 1
         total = request.prompt_len + request.output_len
         if total > self.capacity.max_context:
-            self._reject(
-                request, f"needs {total} tokens of context, the model holds {self.capacity.max_context}"
-            )
+            self._reject(request, f"needs {total} tokens of context, the model holds {self.capacity.max_context}")
             return
         if total > self.capacity.max_kv_tokens:
             self._reject(request, f"needs {total} KV tokens, the memory holds {self.capacity.max_kv_tokens}")

@@ -244,10 +244,9 @@ class InferenceTuningEnv(gym.Env):
         self._device_type = executor.device_type
         initial = self.initial_knobs
         if self.randomize.get("initial_limits"):
-            initial = initial.replace(**{
-                name: int(round(_log_uniform(self.np_random, lo, hi)))
-                for name, (lo, hi) in LIMIT_BOUNDS.items()
-            })
+            initial = initial.replace(
+                **{name: int(round(_log_uniform(self.np_random, lo, hi))) for name, (lo, hi) in LIMIT_BOUNDS.items()}
+            )
         knobs, _ = decode_action(knobs_to_action(initial), self._device_type, current=initial)
         requests = scenario_trace(scenario, executor.capacity.max_context).to_requests()
         return Engine(executor, requests, knobs, engine_config(self.slo))

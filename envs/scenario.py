@@ -101,7 +101,9 @@ def build_executor(
         if live_clock == "profile":
             from ..calibration.profile_clock import ProfileClockExecutor
 
-            return ProfileClockExecutor(live, s.profile or ("cpu-tiny" if live.device_type == "cpu" else "h100-gpt2-small"))
+            return ProfileClockExecutor(
+                live, s.profile or ("cpu-tiny" if live.device_type == "cpu" else "h100-gpt2-small")
+            )
         return live
     raise ValueError(f"backend must be 'sim' or 'live', got {backend!r}")
 

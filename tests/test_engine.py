@@ -106,8 +106,27 @@ def test_slo_attainment_counts_both_targets(executor_factory):
 
 def test_replay_cli_on_the_shipped_azure_trace(tmp_path, capsys):
     out = tmp_path / "report.json"
-    rc = main(["replay", "--trace", "azure-conv", "--model", "tiny", "--device", "cpu", "--duration", "20",
-               "--speedup", "1", "--slo-ttft-ms", "2000", "--slo-tpot-ms", "200", "--report", str(out)])
+    rc = main(
+        [
+            "replay",
+            "--trace",
+            "azure-conv",
+            "--model",
+            "tiny",
+            "--device",
+            "cpu",
+            "--duration",
+            "20",
+            "--speedup",
+            "1",
+            "--slo-ttft-ms",
+            "2000",
+            "--slo-tpot-ms",
+            "200",
+            "--report",
+            str(out),
+        ]
+    )
     assert rc == 0
     report = json.loads(out.read_text())
     assert report["arrived"] == report["completed"] + report["queued"] + report["running"] + report["rejected"]
@@ -116,7 +135,17 @@ def test_replay_cli_on_the_shipped_azure_trace(tmp_path, capsys):
     # probed with fixed knobs too (a warm-up alike for static and policy replays): the CPU
     # runs math, not the CUDA-only kernels
     assert report["card_ms"]["math"] > 0 and report["card_ms"]["cudnn"] is None
-    for key in ("goodput_rps", "slo_attainment", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms",
-                "tokens_per_s", "ooms", "rejected", "knobs"):
+    for key in (
+        "goodput_rps",
+        "slo_attainment",
+        "ttft_p50_ms",
+        "ttft_p99_ms",
+        "tpot_p50_ms",
+        "tpot_p99_ms",
+        "tokens_per_s",
+        "ooms",
+        "rejected",
+        "knobs",
+    ):
         assert key in report
     assert "goodput" in capsys.readouterr().out

@@ -292,8 +292,15 @@ def test_time_based_steps_cover_equal_engine_time_whatever_the_batch():
     from autoopt.engine.knob_space import LIMIT_MOVES
 
     def run(step_s, move):
-        env = InferenceTuningEnv(load_scale=20.0, memory_cap_gib=8.0, episode_steps=40, window_s=30.0,
-                                 slo_tpot_ms=20.0, iterations_per_step=16, step_s=step_s)
+        env = InferenceTuningEnv(
+            load_scale=20.0,
+            memory_cap_gib=8.0,
+            episode_steps=40,
+            window_s=30.0,
+            slo_tpot_ms=20.0,
+            iterations_per_step=16,
+            step_s=step_s,
+        )
         env.reset(seed=0)
         spans, arrivals = [], 0
         for _ in range(40):

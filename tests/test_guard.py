@@ -100,8 +100,23 @@ def _replay_with(guard: GuardedPolicy) -> tuple[dict, GuardedPolicy]:
 
 def test_replay_cli_with_the_shipped_policy(tmp_path):
     out = tmp_path / "r.json"
-    rc = main(["replay", "--trace", "poisson:rate=20,duration=4", "--model", "tiny", "--device", "cpu",
-               "--duration", "4", "--policy", str(resolve_policy("h100-gpt2-small")), "--report", str(out)])
+    rc = main(
+        [
+            "replay",
+            "--trace",
+            "poisson:rate=20,duration=4",
+            "--model",
+            "tiny",
+            "--device",
+            "cpu",
+            "--duration",
+            "4",
+            "--policy",
+            str(resolve_policy("h100-gpt2-small")),
+            "--report",
+            str(out),
+        ]
+    )
     report = json.loads(out.read_text())
     assert rc == 0 and report["balanced"]
     assert report["arrived"] == report["completed"] + report["queued"] + report["running"] + report["rejected"]
@@ -150,7 +165,7 @@ def test_guard_decides_every_n_iterations_and_holds_between():
     n = len(answers)
     assert n > 8 and policy.calls == -(-n // 4)  # ceil: asked on calls 0, 4, 8, ...
     limits = [k.max_num_seqs for k in answers]
-    assert all(len(set(limits[i:i + 4])) == 1 for i in range(0, n, 4))
+    assert all(len(set(limits[i : i + 4])) == 1 for i in range(0, n, 4))
     assert limits[0] == 16 and limits[4] == 8  # moves from the limit in force (8): x2, then x0.5
     assert [k.reclaim for k in answers].count(True) == 1
 

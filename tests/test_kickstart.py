@@ -74,11 +74,12 @@ def test_teacher_settles_the_batch_where_iterations_meet_the_tpot_slo():
     settled = []
     for tpot_ms in (3.0, 4.0):
         slo = SLO(0.5, tpot_ms / 1e3)
-        policy = LearnedPolicy(AIMDTeacher(BASE.replace(max_num_seqs=4, max_batched_tokens=1024)), "cuda",
-                               name="teacher", decide_every=16)
+        policy = LearnedPolicy(
+            AIMDTeacher(BASE.replace(max_num_seqs=4, max_batched_tokens=1024)), "cuda", name="teacher", decide_every=16
+        )
         report, series = run_policy(policy, s, slo, seed=0)
         assert report["lost"] == 0
-        tail = series.knobs["max_num_seqs"][len(series.knobs["max_num_seqs"]) // 2:]
+        tail = series.knobs["max_num_seqs"][len(series.knobs["max_num_seqs"]) // 2 :]
         settled.append(float(np.mean(tail)))
     assert 0.0 < settled[0] < settled[1] < 6.0  # positions in the table 4..256
 
@@ -95,9 +96,17 @@ def small_model():
     from stable_baselines3.common.vec_env import VecNormalize
 
     # a TPOT SLO near the H100 profile's iteration time, so the teacher both climbs and backs off
-    cfg = {"env_kwargs": {"profile": "h100-gpt2-small", "slo_ttft_ms": 500, "slo_tpot_ms": 3.5, "episode_steps": 64,
-                          "iterations_per_step": 4, "window_s": 30,
-                          "randomize": {"load_scale": [8.0, 24.0], "memory_cap_gib": [4.0, 8.0], "initial_limits": True}}}
+    cfg = {
+        "env_kwargs": {
+            "profile": "h100-gpt2-small",
+            "slo_ttft_ms": 500,
+            "slo_tpot_ms": 3.5,
+            "episode_steps": 64,
+            "iterations_per_step": 4,
+            "window_s": 30,
+            "randomize": {"load_scale": [8.0, 24.0], "memory_cap_gib": [4.0, 8.0], "initial_limits": True},
+        }
+    }
     venv = VecNormalize(make_env(cfg, 2, seed=1))
     model = MaskablePPO("MlpPolicy", venv, n_steps=64, batch_size=64, seed=1, policy_kwargs={"net_arch": [32, 32]})
     return model, venv
@@ -126,11 +135,20 @@ def test_profile_teachers_answer_by_each_episodes_profile():
 
     from autoopt.engine.knob_space import KNOB_NAMES
 
-    cfg = {"env_kwargs": {"slo_ttft_ms": 500, "slo_tpot_ms": 20, "episode_steps": 8, "step_s": 0.05, "window_s": 30,
-                          "randomize": {"profiles": ["h100-gpt2-small", "h100-gpt2-small-engine"]}}}
+    cfg = {
+        "env_kwargs": {
+            "slo_ttft_ms": 500,
+            "slo_tpot_ms": 20,
+            "episode_steps": 8,
+            "step_s": 0.05,
+            "window_s": 30,
+            "randomize": {"profiles": ["h100-gpt2-small", "h100-gpt2-small-engine"]},
+        }
+    }
     venv = VecNormalize(make_env(cfg, 3, seed=2))
-    teachers = ProfileTeachers({"h100-gpt2-small": AIMDTeacher(BASE),
-                                "h100-gpt2-small-engine": AIMDTeacher(BASE.replace(attention="cudnn"))})
+    teachers = ProfileTeachers(
+        {"h100-gpt2-small": AIMDTeacher(BASE), "h100-gpt2-small-engine": AIMDTeacher(BASE.replace(attention="cudnn"))}
+    )
     data = collect(venv, teachers, steps=60)
     att = data["actions"][:, :, KNOB_NAMES.index("attention")]
     flowing = data["obs"][:, :, FEATURE_NAMES.index("tokens_per_s")] > 0  # past an episode's first step

@@ -77,7 +77,9 @@ def test_invalid_actions_are_repaired_and_flagged_never_raised():
     knobs, flags = decode_action([0, 0, 0, 1, 3, 1, 1], "cuda")  # flash + fp32: invalid pair
     assert knobs.attention == "efficient" and knobs.precision == "fp32" and flags
     knobs, flags = decode_action([99, -3, 0, 1, 0, 0, 0], "cpu")  # moves clipped to x2 and x0.5 from the defaults
-    assert knobs.max_num_seqs == 2 * Knobs().max_num_seqs and knobs.max_batched_tokens == Knobs().max_batched_tokens // 2
+    assert (
+        knobs.max_num_seqs == 2 * Knobs().max_num_seqs and knobs.max_batched_tokens == Knobs().max_batched_tokens // 2
+    )
     assert knobs.cuda_graphs is False and len(flags) == 3
     knobs, flags = decode_action([np.nan] * 7, "cuda")
     assert knobs == Knobs() and flags

@@ -69,9 +69,20 @@ def _tags(run_dir: Path) -> set[str]:
 
 def test_tensorboard_event_files_hold_the_environment_and_eval_tags(run_dir):
     tags = _tags(run_dir)
-    for tag in ("env/goodput_rps", "env/slo_attainment", "env/ttft_avg_ms", "env/reward_goodput",
-                "env/reward_oom", "env/reward_rejected", "env/reward_switch", "eval/goodput_ratio_vs_best_static",
-                "eval/goodput_best_static", "train/entropy_loss", "knobs/max_num_seqs", "knobs/attention"):
+    for tag in (
+        "env/goodput_rps",
+        "env/slo_attainment",
+        "env/ttft_avg_ms",
+        "env/reward_goodput",
+        "env/reward_oom",
+        "env/reward_rejected",
+        "env/reward_switch",
+        "eval/goodput_ratio_vs_best_static",
+        "eval/goodput_best_static",
+        "train/entropy_loss",
+        "knobs/max_num_seqs",
+        "knobs/attention",
+    ):
         assert tag in tags, f"{tag} missing from TensorBoard: {sorted(tags)}"
     assert "_hparams_/experiment" in tags
 
@@ -137,8 +148,16 @@ def test_validation_keeps_the_latest_model_within_the_tolerance_of_the_best():
 def test_resume_continues_from_the_newest_checkpoint(run_dir, tmp_path):
     cfg = tmp_path / "small.yaml"
     cfg.write_text(yaml.safe_dump(SMALL))
-    out = train(cfg, timesteps=768, logdir=run_dir.parent, out=run_dir.name, resume=True, progress_bar=False,
-                eval_freq=10**9, checkpoint_freq=256)
+    out = train(
+        cfg,
+        timesteps=768,
+        logdir=run_dir.parent,
+        out=run_dir.name,
+        resume=True,
+        progress_bar=False,
+        eval_freq=10**9,
+        checkpoint_freq=256,
+    )
     meta = json.loads((out / "train.json").read_text())
     assert meta["timesteps"] >= 768 + 256  # 512 (or 768) from the checkpoint, then 768 more
 
@@ -155,16 +174,41 @@ def test_evaluate_accepts_a_trace_file_and_writes_report_and_plots(run_dir, tmp_
     trace = tmp_path / "mine.csv"
     trace.write_bytes(b"".join(src.read_bytes().splitlines(keepends=True)[:400]))
     report_path, plots = tmp_path / "eval.json", tmp_path / "plots"
-    rc = evaluate_main(["--policy", str(run_dir / "policy"), "--trace", str(trace), "--load-scale", "6",
-                        "--memory-cap", "3", "--duration", "10", "--report", str(report_path), "--plots", str(plots),
-                        "--best-static-on", "eval"])
+    rc = evaluate_main(
+        [
+            "--policy",
+            str(run_dir / "policy"),
+            "--trace",
+            str(trace),
+            "--load-scale",
+            "6",
+            "--memory-cap",
+            "3",
+            "--duration",
+            "10",
+            "--report",
+            str(report_path),
+            "--plots",
+            str(plots),
+            "--best-static-on",
+            "eval",
+        ]
+    )
     assert rc == 0
     report = json.loads(report_path.read_text())
     policies = {r["policy"] for r in report["results"]}
     assert policies == {"ppo", "default", "best-static", "aimd", "oracle"}
     for r in report["results"]:
-        for key in ("goodput_rps", "slo_attainment", "ttft_p99_ms", "tpot_p99_ms", "tokens_per_s", "ooms",
-                    "rejected", "lost"):
+        for key in (
+            "goodput_rps",
+            "slo_attainment",
+            "ttft_p99_ms",
+            "tpot_p99_ms",
+            "tokens_per_s",
+            "ooms",
+            "rejected",
+            "lost",
+        ):
             assert key in r
         assert r["lost"] == 0
     assert list(plots.glob("*.png"))
@@ -174,8 +218,26 @@ def test_evaluate_accepts_a_trace_file_and_writes_report_and_plots(run_dir, tmp_
 def test_evaluate_takes_one_load_and_cap_per_trace_with_scenario(tmp_path):
     """Traces saturate the card at different load scales: --scenario names each one."""
     report_path = tmp_path / "eval.json"
-    rc = evaluate_main(["--policy", "none", "--baselines", "default", "--scenario", "azure-conv", "3", "4",
-                        "--scenario", "mooncake-conv", "5", "0", "--duration", "4", "--report", str(report_path)])
+    rc = evaluate_main(
+        [
+            "--policy",
+            "none",
+            "--baselines",
+            "default",
+            "--scenario",
+            "azure-conv",
+            "3",
+            "4",
+            "--scenario",
+            "mooncake-conv",
+            "5",
+            "0",
+            "--duration",
+            "4",
+            "--report",
+            str(report_path),
+        ]
+    )
     assert rc == 0
     got = [(s["trace"], s["load_scale"], s["memory_cap_gib"]) for s in json.loads(report_path.read_text())["scenarios"]]
     assert got == [("azure-conv", 3.0, 4.0), ("mooncake-conv", 5.0, None)]
@@ -191,8 +253,24 @@ def test_evaluate_runs_a_scaled_card_and_its_training_grid_follows_it(tmp_path):
 
     def tpot(scale: str) -> float:
         path = tmp_path / f"eval-{scale}.json"
-        rc = evaluate_main(["--policy", "none", "--baselines", "default", "--scenario", "azure-conv", "3", "4",
-                            "--duration", "6", "--time-scale", scale, "--report", str(path)])
+        rc = evaluate_main(
+            [
+                "--policy",
+                "none",
+                "--baselines",
+                "default",
+                "--scenario",
+                "azure-conv",
+                "3",
+                "4",
+                "--duration",
+                "6",
+                "--time-scale",
+                scale,
+                "--report",
+                str(path),
+            ]
+        )
         report = json.loads(path.read_text())
         assert rc == 0 and report["scenarios"][0].get("time_scale", 1.0) == float(scale)
         return report["results"][0]["tpot_p99_ms"]

@@ -157,8 +157,9 @@ class BestStaticEvalCallback(BaseCallback):
             res = search_best_static(self.scenarios, self.slo, device, max_passes=1, cache_dir=self.cache_dir)
             self.static_goodput = res.goodput_rps
         vecnorm = self.model.get_vec_normalize_env()
-        policy = LearnedPolicy(SB3Actor(self.model, vecnorm), device, decide_every=self.decide_every,
-                               decide_every_s=self.decide_every_s)
+        policy = LearnedPolicy(
+            SB3Actor(self.model, vecnorm), device, decide_every=self.decide_every, decide_every_s=self.decide_every_s
+        )
         goodputs = []
         for s in self.scenarios:
             policy.reset()
@@ -168,8 +169,12 @@ class BestStaticEvalCallback(BaseCallback):
         self.logger.record("eval/goodput_ppo", ppo)
         self.logger.record("eval/goodput_best_static", self.static_goodput)
         self.logger.record("eval/goodput_ratio_vs_best_static", ratio)
-        out = {"goodput_ppo": ppo, "goodput_best_static": self.static_goodput, "ratio": ratio,
-               "timesteps": int(self.num_timesteps)}
+        out = {
+            "goodput_ppo": ppo,
+            "goodput_best_static": self.static_goodput,
+            "ratio": ratio,
+            "timesteps": int(self.num_timesteps),
+        }
         if replaces_kept(ratio, self.best_ratio, self.tolerance):
             self.best_ratio = max(self.best_ratio, ratio)
             out["best_ratio"] = self.best_ratio

@@ -26,8 +26,7 @@ def demo_main(argv: list[str]) -> int:
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     print(f"[1/3] training PPO for {a.timesteps} steps on the simulator (profile h100-gpt2-small)")
-    run_dir = train(None, a.timesteps, None, a.seed, a.logdir, "demo", progress_bar=not a.no_progress,
-                    eval_freq=10**12)
+    run_dir = train(None, a.timesteps, None, a.seed, a.logdir, "demo", progress_bar=not a.no_progress, eval_freq=10**12)
     cfg = load_config(None)
     env_kwargs = cfg["env_kwargs"]
     slo = SLO(env_kwargs["slo_ttft_ms"] / 1e3, env_kwargs["slo_tpot_ms"] / 1e3)
@@ -38,11 +37,24 @@ def demo_main(argv: list[str]) -> int:
     # near the card's saturation point, where the knobs decide who meets the SLO
     scenarios = [
         Scenario("azure-conv", 24.0, 8.0, "h100-gpt2-small", start_s=0.0, duration_s=60.0, name="azure x24, 8 GiB"),
-        Scenario("mooncake-conv", 36.0, 4.0, "h100-gpt2-small", start_s=0.0, duration_s=60.0,
-                 name="mooncake (never trained on) x36, 4 GiB"),
+        Scenario(
+            "mooncake-conv",
+            36.0,
+            4.0,
+            "h100-gpt2-small",
+            start_s=0.0,
+            duration_s=60.0,
+            name="mooncake (never trained on) x36, 4 GiB",
+        ),
     ]
-    report = evaluate(scenarios, slo, {"name": "ppo", "actor": actor}, BASELINES,
-                      search_scenarios=training_scenarios(env_kwargs), cache_dir=a.logdir / "cache")
+    report = evaluate(
+        scenarios,
+        slo,
+        {"name": "ppo", "actor": actor},
+        BASELINES,
+        search_scenarios=training_scenarios(env_kwargs),
+        cache_dir=a.logdir / "cache",
+    )
     print(format_table(report))
     (run_dir / "evaluation.json").write_text(json.dumps(report, indent=1, default=str))
     from .plots import plot_report

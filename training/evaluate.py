@@ -66,11 +66,19 @@ class Series:
         return on_step
 
     def to_json(self) -> dict[str, Any]:
-        return {"t": self.t, "goodput_rps": [o / BIN_S for o in self.ok], "ttft_avg_ms": self.ttft_ms,
-                "iteration_ms": self.iter_ms, "queue": self.queue, "knobs": self.knobs}
+        return {
+            "t": self.t,
+            "goodput_rps": [o / BIN_S for o in self.ok],
+            "ttft_avg_ms": self.ttft_ms,
+            "iteration_ms": self.iter_ms,
+            "queue": self.queue,
+            "knobs": self.knobs,
+        }
 
 
-def run_policy(policy: KnobPolicy, s: Scenario, slo: SLO, seed: int, backend: str = "sim") -> tuple[dict[str, Any], Series]:
+def run_policy(
+    policy: KnobPolicy, s: Scenario, slo: SLO, seed: int, backend: str = "sim"
+) -> tuple[dict[str, Any], Series]:
     from ..engine.engine import Engine
 
     policy.reset()
@@ -82,7 +90,9 @@ def run_policy(policy: KnobPolicy, s: Scenario, slo: SLO, seed: int, backend: st
         engine_ref[0] = engine
         return control(engine)
 
-    report = run_scenario(s, slo, controller=controller, backend=backend, seed=seed, on_step=series.recorder(engine_ref))
+    report = run_scenario(
+        s, slo, controller=controller, backend=backend, seed=seed, on_step=series.recorder(engine_ref)
+    )
     return report, series
 
 
@@ -97,8 +107,13 @@ def training_scenarios(env_kwargs: dict[str, Any], duration_s: float = 60.0, tim
     profile = env_kwargs.get("profile", "h100-gpt2-small")
     return [
         Scenario(
-            trace=t, load_scale=float(x) / time_scale, memory_cap_gib=cap, profile=profile, start_s=0.0,
-            duration_s=duration_s, time_scale=time_scale,
+            trace=t,
+            load_scale=float(x) / time_scale,
+            memory_cap_gib=cap,
+            profile=profile,
+            start_s=0.0,
+            duration_s=duration_s,
+            time_scale=time_scale,
         )
         for t in traces
         for x in (lo + (hi - lo) / 3, lo + 2 * (hi - lo) / 3)
@@ -123,7 +138,11 @@ def evaluate(
     search: SearchResult | None = None
     if any(b in baselines for b in ("best-static", "aimd", "oracle")):
         search = search_best_static(
-            list(search_scenarios or scenarios), slo, device, seed=seed, cache_dir=cache_dir,
+            list(search_scenarios or scenarios),
+            slo,
+            device,
+            seed=seed,
+            cache_dir=cache_dir,
             progress=lambda m: print(f"\r  best-static search: {m}", end="", file=sys.stderr),
         )
         print(file=sys.stderr)
@@ -146,8 +165,13 @@ def evaluate(
         for name, make in policies.items():
             print(f"  {s.label()}: {name}", file=sys.stderr)
             rep, series = run_policy(make(s), s, slo, seed, backend)
-            row = {"scenario": s.label(), "policy": name, **{m: rep[m] for m in METRICS},
-                   "fallbacks": rep.get("fallbacks", 0), "series": series.to_json()}
+            row = {
+                "scenario": s.label(),
+                "policy": name,
+                **{m: rep[m] for m in METRICS},
+                "fallbacks": rep.get("fallbacks", 0),
+                "series": series.to_json(),
+            }
             results.append(row)
     return {
         "slo": {"ttft_ms": slo.ttft_s * 1e3, "tpot_ms": slo.tpot_s * 1e3},
@@ -195,14 +219,24 @@ def load_learned(spec: str) -> dict[str, Any]:
 
 def evaluate_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="autoopt evaluate", description="Compare policies and baselines on traces.")
-    p.add_argument("--policy", default="h100-gpt2-small", help="a shipped policy name or an exported policy dir ('none' for baselines only)")
+    p.add_argument(
+        "--policy",
+        default="h100-gpt2-small",
+        help="a shipped policy name or an exported policy dir ('none' for baselines only)",
+    )
     p.add_argument("--baselines", default=",".join(BASELINES))
-    p.add_argument("--trace", action="append", default=None, help="trace path, shipped name or synthetic spec (repeatable)")
+    p.add_argument(
+        "--trace", action="append", default=None, help="trace path, shipped name or synthetic spec (repeatable)"
+    )
     p.add_argument("--profile", default="h100-gpt2-small")
     p.add_argument("--load-scale", type=float, nargs="+", default=[4.0])
     p.add_argument("--memory-cap", type=float, nargs="+", default=[4.0], help="GiB; 0 for the whole device")
     p.add_argument(
-        "--scenario", nargs=3, action="append", default=None, metavar=("TRACE", "LOAD", "CAP_GIB"),
+        "--scenario",
+        nargs=3,
+        action="append",
+        default=None,
+        metavar=("TRACE", "LOAD", "CAP_GIB"),
         help="one scenario (repeatable), for traces whose stress loads differ; replaces the "
         "--trace x --load-scale x --memory-cap grid",
     )
@@ -211,7 +245,9 @@ def evaluate_main(argv: list[str]) -> int:
     p.add_argument("--slo-ttft-ms", type=float, default=None)
     p.add_argument("--slo-tpot-ms", type=float, default=None)
     p.add_argument(
-        "--time-scale", type=float, default=1.0,
+        "--time-scale",
+        type=float,
+        default=1.0,
         help="sim: run the profile's card this many times slower (> 1) or faster (< 1); outside the "
         "policy's randomize.time_scale, a card it was not trained on (iteration times and the card probe "
         "scale, switch costs do not)",
@@ -237,8 +273,13 @@ def evaluate_main(argv: list[str]) -> int:
             p.error("--scenario takes TRACE LOAD CAP_GIB, with LOAD and CAP_GIB numbers")
     scenarios = [
         Scenario(
-            trace=t, load_scale=x, memory_cap_gib=c or None, profile=a.profile, start_s=a.start,
-            duration_s=a.duration, time_scale=a.time_scale,
+            trace=t,
+            load_scale=x,
+            memory_cap_gib=c or None,
+            profile=a.profile,
+            start_s=a.start,
+            duration_s=a.duration,
+            time_scale=a.time_scale,
         )
         for t, x, c in grid
     ]
@@ -247,7 +288,9 @@ def evaluate_main(argv: list[str]) -> int:
     if not (math.isfinite(a.time_scale) and a.time_scale > 0):
         p.error("--time-scale must be a positive number")
     # on a scaled card, the training grid's loads follow the card (as the environment's do)
-    search = training_scenarios(env_kwargs, time_scale=a.time_scale) if a.best_static_on == "train" and env_kwargs else None
+    search = (
+        training_scenarios(env_kwargs, time_scale=a.time_scale) if a.best_static_on == "train" and env_kwargs else None
+    )
     baselines = [b for b in a.baselines.split(",") if b]
     report = evaluate(scenarios, slo, learned, baselines, a.seed, search, backend=a.backend)
     if learned:

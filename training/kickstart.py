@@ -49,15 +49,26 @@ def collect(venv: Any, teacher: Any, steps: int) -> dict[str, np.ndarray]:
         raw = venv.get_original_obs()
         mask = get_action_masks(venv)
         profiles.append([sc.profile for sc in venv.get_attr("scenario")])
-        action = teacher.act(raw, profiles[-1], mask) if isinstance(teacher, ProfileTeachers) else teacher.act(raw, mask)
+        action = (
+            teacher.act(raw, profiles[-1], mask) if isinstance(teacher, ProfileTeachers) else teacher.act(raw, mask)
+        )
         _, _, done, _ = venv.step(action)
         obs.append(raw)
         acts.append(action)
         masks.append(mask)
         rews.append(venv.get_original_reward())
         dones.append(done)
-    return {k: np.stack(v) for k, v in {"obs": obs, "actions": acts, "masks": masks, "rewards": rews,
-                                        "dones": dones, "profiles": profiles}.items()}
+    return {
+        k: np.stack(v)
+        for k, v in {
+            "obs": obs,
+            "actions": acts,
+            "masks": masks,
+            "rewards": rews,
+            "dones": dones,
+            "profiles": profiles,
+        }.items()
+    }
 
 
 def discounted_returns(rewards: np.ndarray, dones: np.ndarray, gamma: float) -> np.ndarray:
@@ -70,8 +81,16 @@ def discounted_returns(rewards: np.ndarray, dones: np.ndarray, gamma: float) -> 
     return out
 
 
-def kickstart(model: Any, venv: Any, teacher: Any, steps: int = 32768, epochs: int = 10,
-              batch_size: int = 256, lr: float = 1e-3, seed: int = 0) -> dict[str, float]:
+def kickstart(
+    model: Any,
+    venv: Any,
+    teacher: Any,
+    steps: int = 32768,
+    epochs: int = 10,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> dict[str, float]:
     """Fit `model`'s actor to the teacher's actions and its critic to the returns; returns
     the final cross-entropy and the share of the teacher's actions the actor now picks."""
     import torch as th
@@ -99,8 +118,14 @@ def kickstart(model: Any, venv: Any, teacher: Any, steps: int = 32768, epochs: i
     with th.no_grad():
         _, log_prob, _ = policy.evaluate_actions(x, a, action_masks=m)
         picked = policy.get_distribution(x, action_masks=m.numpy()).mode()
-    stats = {"steps": float(T * n), "cross_entropy": float(-log_prob.mean()),
-             "agreement": float((picked == a).all(dim=1).float().mean())}
-    print(f"kick-start: {T * n} teacher steps; the actor now picks the teacher's action on "
-          f"{stats['agreement']:.1%} of them (cross-entropy {stats['cross_entropy']:.3f})", file=sys.stderr)
+    stats = {
+        "steps": float(T * n),
+        "cross_entropy": float(-log_prob.mean()),
+        "agreement": float((picked == a).all(dim=1).float().mean()),
+    }
+    print(
+        f"kick-start: {T * n} teacher steps; the actor now picks the teacher's action on "
+        f"{stats['agreement']:.1%} of them (cross-entropy {stats['cross_entropy']:.3f})",
+        file=sys.stderr,
+    )
     return stats

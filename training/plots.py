@@ -35,7 +35,9 @@ def plot_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
             ax = axes[0][j]
             ax.plot(s["t"], s["goodput_rps"], color="tab:green", lw=1)
             ax.set_ylim(0, gmax)
-            ax.set_title(f"{r['policy']}\ngoodput {r['goodput_rps']:.2f} req/s, SLO {r['slo_attainment']:.0%}", fontsize=9)
+            ax.set_title(
+                f"{r['policy']}\ngoodput {r['goodput_rps']:.2f} req/s, SLO {r['slo_attainment']:.0%}", fontsize=9
+            )
             ax.set_ylabel("goodput (req/s)" if j == 0 else "")
             ax = axes[1][j]
             ax.semilogy(s["t"], [max(x, 1e-3) for x in s["ttft_avg_ms"]], label="TTFT avg", color="tab:red", lw=1)
@@ -52,7 +54,9 @@ def plot_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
                 ax.step(s["t"], [k + 0.8 * i / n for i in idx], where="post", lw=1, label=name)
             ax.set_yticks(range(len(SHOWN_KNOBS)), SHOWN_KNOBS if j == 0 else [""] * len(SHOWN_KNOBS), fontsize=7)
             ax.set_xlabel("trace time (s)")
-        fig.suptitle(f"{sc['label']}  (SLO: TTFT {report['slo']['ttft_ms']:.0f} ms, TPOT {report['slo']['tpot_ms']:.0f} ms)")
+        fig.suptitle(
+            f"{sc['label']}  (SLO: TTFT {report['slo']['ttft_ms']:.0f} ms, TPOT {report['slo']['tpot_ms']:.0f} ms)"
+        )
         fig.tight_layout()
         path = out_dir / (re.sub(r"[^A-Za-z0-9_.-]+", "_", sc["label"]) + ".png")
         fig.savefig(path, dpi=90)

@@ -77,8 +77,9 @@ def make_env(cfg: dict[str, Any], n_envs: int, seed: int, monitor_dir: Path | No
 
     # render_mode=None: SB3 asks for rgb_array by default, which this env does not draw.
     env_kwargs = {"render_mode": None, **cfg.get("env_kwargs", {})}
-    return make_vec_env(ENV_ID, n_envs=n_envs, seed=seed, env_kwargs=env_kwargs,
-                        monitor_dir=str(monitor_dir) if monitor_dir else None)
+    return make_vec_env(
+        ENV_ID, n_envs=n_envs, seed=seed, env_kwargs=env_kwargs, monitor_dir=str(monitor_dir) if monitor_dir else None
+    )
 
 
 def _algo(cfg: dict[str, Any]):
@@ -215,8 +216,11 @@ def searched_best_static(cfg: dict[str, Any], cache_dir: Path, profile: str | No
     slo = SLO(env_kwargs.get("slo_ttft_ms", 1000.0) / 1e3, env_kwargs.get("slo_tpot_ms", 100.0) / 1e3)
     device = load_profile(env_kwargs.get("profile", "h100-gpt2-small")).device["type"]
     scenarios = training_scenarios(env_kwargs, duration_s=float(cfg.get("warm_start_window_s", 60.0)))
-    print(f"warm start: searching best-static on {len(scenarios)} training scenarios "
-          f"({env_kwargs.get('profile', 'h100-gpt2-small')})", file=sys.stderr)
+    print(
+        f"warm start: searching best-static on {len(scenarios)} training scenarios "
+        f"({env_kwargs.get('profile', 'h100-gpt2-small')})",
+        file=sys.stderr,
+    )
     result = search_best_static(scenarios, slo, device, max_passes=1, cache_dir=cache_dir)
     print(f"warm start from {result.knobs.to_dict()} ({result.goodput_rps:.2f} req/s)", file=sys.stderr)
     return result
@@ -233,11 +237,19 @@ def kickstart_from_aimd(model: Any, venv: Any, cfg: dict[str, Any], cache_dir: P
     profiles = env_kwargs.get("randomize", {}).get("profiles") or [env_kwargs.get("profile", "h100-gpt2-small")]
     which = cfg.get("kickstart_teachers", "per-profile")
     if which == "per-profile":
-        teacher: Any = ProfileTeachers({p: AIMDTeacher(searched_best_static(cfg, cache_dir, p).knobs) for p in profiles})
+        teacher: Any = ProfileTeachers(
+            {p: AIMDTeacher(searched_best_static(cfg, cache_dir, p).knobs) for p in profiles}
+        )
     else:
         teacher = AIMDTeacher(searched_best_static(cfg, cache_dir, str(which)).knobs)
-    return kickstart(model, venv, teacher, steps=int(cfg.get("kickstart_steps", 32768)),
-                     epochs=int(cfg.get("kickstart_epochs", 10)), seed=seed)
+    return kickstart(
+        model,
+        venv,
+        teacher,
+        steps=int(cfg.get("kickstart_steps", 32768)),
+        epochs=int(cfg.get("kickstart_epochs", 10)),
+        seed=seed,
+    )
 
 
 def warm_start_from_best_static(
