@@ -7,6 +7,7 @@ for stable-baselines3 and `autoopt export` does not load the engine.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -84,7 +85,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     fn, _ = COMMANDS[argv[0]]
-    return fn(argv[1:])
+    try:
+        return fn(argv[1:])
+    except BrokenPipeError:
+        # the reader went away (`autoopt calibrate check ... | head`): not an error of ours.
+        # Point stdout at devnull so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

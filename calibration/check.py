@@ -3,6 +3,13 @@
 The rows are in the format of shared/data/h100 prefill.jsonl / decode.jsonl, mixed freely:
 a row with "L" is a prefill, one with "C" a decode step (`cuda_graphs` missing -> false).
 Any grid point may be checked, including ones the profile never saw: that is the point.
+Each row says how its prediction was made (`basis`), and the MAPE is also given per basis:
+- `interpolated`: the profile measured the row's kernel, precision (and CUDA-graph mode)
+  at batches and lengths on both sides of the row's;
+- `extrapolated`: that group was measured, but the row's batch or length lies outside its
+  measured range (the fitted launch floor and slope carry it);
+- `completed`: the profile never measured that group; the prediction is completed from its
+  other kernels or precisions.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ class CheckedRow:
     measured_ms: float
     predicted_ms: float
     source: str = ""  # "file:line" when read from a file
+    basis: str = ""  # interpolated | extrapolated | completed (see the module docstring)
 
     @property
     def error(self) -> float:
@@ -53,12 +61,15 @@ class CheckResult:
     mape: float  # percent
     by_kind: dict[str, tuple[int, float]] = field(default_factory=dict)  # kind -> (n, MAPE %)
     by_group: dict[str, tuple[int, float]] = field(default_factory=dict)
+    by_basis: dict[str, tuple[int, float]] = field(default_factory=dict)
+    unmeasured_groups: list[str] = field(default_factory=list)  # groups the profile never measured
     worst: list[CheckedRow] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["by_kind"] = {k: {"n": n, "mape": m} for k, (n, m) in self.by_kind.items()}
         d["by_group"] = {k: {"n": n, "mape": m} for k, (n, m) in self.by_group.items()}
+        d["by_basis"] = {k: {"n": n, "mape": m} for k, (n, m) in self.by_basis.items()}
         d["worst"] = [{**asdict(r), "error_pct": 100.0 * r.error} for r in self.worst]
         return d
 
@@ -130,11 +141,39 @@ def load_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+BASES = ("interpolated", "extrapolated", "completed")
+
+
+def _group_key(kind: str, row: Mapping[str, Any]) -> tuple:
+    return (kind, row["backend"], row["precision"], bool(row.get("cuda_graphs")) if kind == "decode" else False)
+
+
+class _MeasuredRanges:
+    """The batches and lengths a profile measured, per group: where a row sits against them."""
+
+    def __init__(self, profile: Profile) -> None:
+        self.ranges: dict[tuple, tuple[int, int, int, int]] = {}
+        for kind, second in (("prefill", "L"), ("decode", "C")):
+            for row in getattr(profile, kind):
+                key = _group_key(kind, row)
+                b, x = int(row["B"]), int(row[second])
+                lo_b, hi_b, lo_x, hi_x = self.ranges.get(key, (b, b, x, x))
+                self.ranges[key] = (min(lo_b, b), max(hi_b, b), min(lo_x, x), max(hi_x, x))
+
+    def basis(self, kind: str, row: Mapping[str, Any], x: int) -> str:
+        span = self.ranges.get(_group_key(kind, row))
+        if span is None:
+            return "completed"
+        lo_b, hi_b, lo_x, hi_x = span
+        return "interpolated" if lo_b <= row["B"] <= hi_b and lo_x <= x <= hi_x else "extrapolated"
+
+
 def check_profile(
     profile: Profile, rows: Iterable[Mapping[str, Any] | tuple[str, Mapping[str, Any]]], worst: int = 10
 ) -> CheckResult:
     """Predict every row with the profile's latency model; MAPE overall, per kind and group, worst rows."""
     model = profile.latency()
+    measured = _MeasuredRanges(profile)
     checked: list[CheckedRow] = []
     for i, item in enumerate(rows):
         source, row = item if isinstance(item, tuple) else (f"row {i}", item)
@@ -149,7 +188,8 @@ def check_profile(
         else:
             pred = model.decode_ms(r["B"], r["C"], r["backend"], r["precision"], r["cuda_graphs"])
             x, graphs = r["C"], r["cuda_graphs"]
-        checked.append(CheckedRow(kind, r["B"], x, r["backend"], r["precision"], graphs, r["ms"], pred, source))
+        basis = measured.basis(kind, r, x)
+        checked.append(CheckedRow(kind, r["B"], x, r["backend"], r["precision"], graphs, r["ms"], pred, source, basis))
     if not checked:
         raise CheckError("no rows to check")
 
@@ -158,9 +198,11 @@ def check_profile(
 
     by_kind: dict[str, list[CheckedRow]] = defaultdict(list)
     by_group: dict[str, list[CheckedRow]] = defaultdict(list)
+    by_basis: dict[str, list[CheckedRow]] = defaultdict(list)
     for c in checked:
         by_kind[c.kind].append(c)
         by_group[c.group].append(c)
+        by_basis[c.basis].append(c)
     n, total = summary(checked)
     return CheckResult(
         profile=profile.name,
@@ -169,6 +211,8 @@ def check_profile(
         mape=total,
         by_kind={k: summary(v) for k, v in sorted(by_kind.items())},
         by_group={k: summary(v) for k, v in sorted(by_group.items())},
+        by_basis={k: summary(by_basis[k]) for k in BASES if k in by_basis},
+        unmeasured_groups=sorted({c.group for c in checked if c.basis == "completed"}),
         worst=sorted(checked, key=lambda c: -c.error)[:worst],
     )
 
@@ -182,14 +226,17 @@ def format_check(result: CheckResult) -> str:
     for name, (n, m) in result.by_kind.items():
         lines.append(f"{'all ' + name:40s} {n:5d} {m:6.1f}%")
     for name, (n, m) in result.by_group.items():
-        lines.append(f"{name:40s} {n:5d} {m:6.1f}%")
+        note = "  (not in the profile: completed)" if name in result.unmeasured_groups else ""
+        lines.append(f"{name:40s} {n:5d} {m:6.1f}%{note}")
+    for name, (n, m) in result.by_basis.items():
+        lines.append(f"{'rows ' + name:40s} {n:5d} {m:6.1f}%")
     if result.worst:
         lines += ["", "worst rows:"]
         for r in result.worst:
             x = f"{'L' if r.kind == 'prefill' else 'C'}={r.x}"
             lines.append(
                 f"  {r.group:32s} B={r.B:<5d} {x:8s} measured {r.measured_ms:9.3f} ms  predicted "
-                f"{r.predicted_ms:9.3f} ms  {100 * r.error:6.1f}%  {r.source}"
+                f"{r.predicted_ms:9.3f} ms  {100 * r.error:6.1f}%  {r.basis:12s}  {r.source}"
             )
     return "\n".join(lines)
 

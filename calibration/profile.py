@@ -166,7 +166,7 @@ def validate_profile_dict(data: Any, where: str = "profile") -> None:
 
 @dataclass
 class Profile:
-    """One calibration profile (schema version 1); see /work/briefs/profile_schema.md."""
+    """One calibration profile (schema version 1; the fields are described in docs/profile-format.md)."""
 
     name: str
     provenance: dict[str, Any]

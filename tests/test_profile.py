@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 
@@ -176,6 +177,32 @@ def test_check_profile_on_held_out_rows(shipped, tmp_path):
     assert check_profile(shipped, rows).mape < 1e-6
 
 
+def test_check_says_how_each_row_was_predicted(shipped, capsys, tmp_path):
+    """Inside a measured group's range: interpolated; beyond it: extrapolated; a group the
+    profile never measured: completed, and named as such in the table and the JSON."""
+    row = next(r for r in shipped.prefill if r["backend"] == "flash" and r["precision"] == "bf16")
+    top_b = max(r["B"] for r in shipped.prefill if r["backend"] == "flash" and r["precision"] == "bf16")
+    measured = {k: row[k] for k in ("B", "L", "backend", "precision", "ms")}
+    beyond = measured | {"B": 4 * top_b}
+    unseen = measured | {"backend": "newkernel"}
+    result = check_profile(shipped, [measured, beyond, unseen])
+    assert [r.basis for r in sorted(result.worst, key=lambda r: r.source)] == [
+        "interpolated",
+        "extrapolated",
+        "completed",
+    ]
+    assert {k: n for k, (n, _) in result.by_basis.items()} == {"interpolated": 1, "extrapolated": 1, "completed": 1}
+    assert result.by_basis["interpolated"][1] < 1e-6  # the profile's own row
+    assert result.unmeasured_groups == ["prefill newkernel bf16"]
+    assert "prefill newkernel bf16" in format_check(result).split("(not in the profile")[0]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in (measured, beyond, unseen)) + "\n")
+    assert check_main(NAME, path, as_json=True) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["by_basis"]["completed"]["n"] == 1 and out["unmeasured_groups"] == ["prefill newkernel bf16"]
+    assert {w["basis"] for w in out["worst"]} == {"interpolated", "extrapolated", "completed"}
+
+
 def test_check_main_outputs_and_errors(shipped, tmp_path, capsys):
     good = tmp_path / "good.jsonl"
     good.write_text(json.dumps({"B": 3, "L": 300, "backend": "cudnn", "precision": "fp16", "ms": 6.0}) + "\n")
@@ -211,3 +238,32 @@ def test_a_profile_json_checks_another_profile_by_its_rows(shipped, tmp_path):
     other["decode"][0] = {k: v for k, v in other["decode"][0].items() if k != "C"}
     with pytest.raises(CheckError, match=r"other-card.json:decode\[0\]: row has neither 'L'"):
         load_rows(_write(tmp_path, other, "other-card.json"))
+
+
+def test_format_doc_describes_every_field_the_loader_requires():
+    """docs/profile-format.md is the profile's reference for users who write or read one by
+    hand: every key, row field and choice the validator insists on must be in it."""
+    from autoopt.calibration import profile as P
+    from autoopt.calibration.alloc_model import ALLOCATOR_CONFIGS
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "profile-format.md").read_text()
+    required = {
+        "top-level key": P.TOP_KEYS,
+        "provenance key": P.PROVENANCE_KEYS,
+        "model key": P.MODEL_INT_KEYS,
+        "prefill field": P.PREFILL_FIELDS,
+        "decode field": P.DECODE_FIELDS,
+        "switch key": P.SWITCH_KEYS,
+        "backend": P.BACKENDS,
+        "precision": P.PRECISIONS,
+        "device type": P.DEVICE_TYPES,
+        "allocator config": ALLOCATOR_CONFIGS,
+    }
+    missing = [
+        f"{what} {name!r}"
+        for what, names in required.items()
+        for name in names
+        if f"`{name}`" not in doc and f'`"{name}"`' not in doc
+    ]
+    assert not missing, f"docs/profile-format.md does not describe: {', '.join(missing)}"
+    assert f"`{P.PROFILE_VERSION}`" in doc and f'`"{P.PROFILE_FORMAT}"`' in doc
