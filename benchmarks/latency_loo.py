@@ -5,6 +5,10 @@ predict the held-out row. Prints the mean absolute percentage error (MAPE) per f
 group (backend x precision x cuda_graphs) and overall, and pass/fail against the limits:
 bf16 prefill <= 10%, CUDA-graph decode <= 10%, eager decode <= 20%.
 
+Then, for information (no limit): every group held out whole in turn, fitted on the file's
+other groups. That is what the model does for a kernel or precision a profile never
+measured (`calibrate check` calls those rows "completed"); leave-one-out never tests it.
+
     .venv/bin/python benchmarks/latency_loo.py [DATA_DIR]      (default ../shared/data/h100)
 """
 
@@ -18,7 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from autoopt.calibration.latency_model import leave_one_out
+from autoopt.calibration.latency_model import leave_group_out, leave_one_out
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "h100"
@@ -81,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"  predicted {pred:8.3f} ms  ({100 * err:5.1f}%)"
             )
     print(f"\noverall MAPE {mape(overall):5.1f}%  ({len(overall)} rows)")
+    print_group_holdout(files)
     ok = True
     for name, limit in LIMITS.items():
         value = mape(limits_seen[name])
@@ -88,6 +93,26 @@ def main(argv: list[str] | None = None) -> int:
         ok &= passed
         print(f"  {name:20s} MAPE {value:5.1f}%  limit {limit:4.1f}%  {'PASS' if passed else 'FAIL'}")
     return 0 if ok else 1
+
+
+def print_group_holdout(files: dict[str, Path], compute_bound_ms: float = 10.0) -> None:
+    """Each group held out whole: MAPE over its rows, and over those of at least
+    `compute_bound_ms` (out of reach of the host's launch-rate drift), with the median signed
+    error (+: predicted slower than measured)."""
+    print("\neach group held out whole (fitted on the file's other groups; for information):")
+    print(
+        f"  {'group':32s} {'rows':>4s}  {'MAPE':>6s}  {'median err':>10s}  {'rows >= ' + str(int(compute_bound_ms)) + ' ms':>14s}"
+    )
+    for kind, path in files.items():
+        for key, results in leave_group_out(read_jsonl(path), kind).items():
+            errs = [pred / row["ms"] - 1 for row, pred in results]
+            big = [abs(pred / row["ms"] - 1) for row, pred in results if row["ms"] >= compute_bound_ms]
+            label = f"{kind} {' '.join(key[:2])}" + (f" {'graphs' if key[2] else 'eager'}" if kind == "decode" else "")
+            slow = f"{mape(big):5.1f}% (n={len(big)})" if big else "-"
+            print(
+                f"  {label:32s} {len(errs):4d}  {mape([abs(e) for e in errs]):5.1f}%  "
+                f"{100 * sorted(errs)[len(errs) // 2]:+9.1f}%  {slow:>14s}"
+            )
 
 
 if __name__ == "__main__":

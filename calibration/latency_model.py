@@ -456,3 +456,30 @@ def leave_one_out(
             )
         out.append((r, pred))
     return out
+
+
+def leave_group_out(rows: Sequence[Mapping[str, Any]], kind: str) -> dict[tuple, list[tuple[dict[str, Any], float]]]:
+    """For each group (backend, precision[, graphs]): fit on the file's other groups, predict
+    its rows. What the model does for a kernel or precision a profile never measured: its
+    completion from the other groups, which leave-one-out (a group always keeps rows) never
+    exercises. Returns {group: [(row, predicted ms), ...]}."""
+    norm = [normalise_row(r, kind) for r in rows]
+
+    def group(r: Mapping[str, Any]) -> tuple:
+        return (r["backend"], r["precision"]) + ((bool(r["cuda_graphs"]),) if kind == "decode" else ())
+
+    out: dict[tuple, list[tuple[dict[str, Any], float]]] = {}
+    for key in sorted({group(r) for r in norm}):
+        others = [r for r in norm if group(r) != key]
+        model = LatencyModel.fit(others, []) if kind == "prefill" else LatencyModel.fit([], others)
+        out[key] = [
+            (
+                r,
+                model.prefill_ms(r["B"], r["L"], r["backend"], r["precision"])
+                if kind == "prefill"
+                else model.decode_ms(r["B"], r["C"], r["backend"], r["precision"], r["cuda_graphs"]),
+            )
+            for r in norm
+            if group(r) == key
+        ]
+    return out

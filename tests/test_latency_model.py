@@ -8,7 +8,7 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from autoopt.calibration.latency_model import LatencyModel, leave_one_out, normalise_row
+from autoopt.calibration.latency_model import LatencyModel, leave_group_out, leave_one_out, normalise_row
 from autoopt.calibration.profile import load_profile
 
 BACKENDS = ("flash", "efficient", "math", "cudnn")
@@ -124,6 +124,22 @@ def test_bad_rows_are_named():
 
 def _mape(pairs):
     return 100.0 * sum(abs(p - r["ms"]) / r["ms"] for r, p in pairs) / len(pairs)
+
+
+def test_leave_group_out_predicts_each_group_without_its_rows(profile, model):
+    """Each group's rows come back once, predicted by a fit that never saw them: the full fit
+    reproduces a measured row, the group-out fit does not (it is the completion from the
+    other groups), and the prediction is still finite and positive."""
+    held = leave_group_out(profile.prefill, "prefill")
+    assert set(held) == {(r["backend"], r["precision"]) for r in profile.prefill}
+    assert sum(len(v) for v in held.values()) == len(profile.prefill)
+    for key, pairs in held.items():
+        assert all((r["backend"], r["precision"]) == key for r, _ in pairs)
+        assert all(math.isfinite(p) and p > 0 for _, p in pairs)
+        assert _mape([(r, _predict(model, r, "prefill")) for r, _ in pairs]) < 1e-6
+        assert _mape(pairs) > 1.0
+    decode = leave_group_out(profile.decode, "decode")
+    assert set(decode) == {(r["backend"], r["precision"], r["cuda_graphs"]) for r in profile.decode}
 
 
 def test_leave_one_out_on_a_subsample_is_within_the_limits(profile):
