@@ -218,26 +218,8 @@ def test_evaluate_accepts_a_trace_file_and_writes_report_and_plots(run_dir, tmp_
 def test_evaluate_takes_one_load_and_cap_per_trace_with_scenario(tmp_path):
     """Traces saturate the card at different load scales: --scenario names each one."""
     report_path = tmp_path / "eval.json"
-    rc = evaluate_main(
-        [
-            "--policy",
-            "none",
-            "--baselines",
-            "default",
-            "--scenario",
-            "azure-conv",
-            "3",
-            "4",
-            "--scenario",
-            "mooncake-conv",
-            "5",
-            "0",
-            "--duration",
-            "4",
-            "--report",
-            str(report_path),
-        ]
-    )
+    argv = "--policy none --baselines default --scenario azure-conv 3 4 --scenario mooncake-conv 5 0 --duration 4"
+    rc = evaluate_main([*argv.split(), "--report", str(report_path)])
     assert rc == 0
     got = [(s["trace"], s["load_scale"], s["memory_cap_gib"]) for s in json.loads(report_path.read_text())["scenarios"]]
     assert got == [("azure-conv", 3.0, 4.0), ("mooncake-conv", 5.0, None)]
@@ -253,24 +235,8 @@ def test_evaluate_runs_a_scaled_card_and_its_training_grid_follows_it(tmp_path):
 
     def tpot(scale: str) -> float:
         path = tmp_path / f"eval-{scale}.json"
-        rc = evaluate_main(
-            [
-                "--policy",
-                "none",
-                "--baselines",
-                "default",
-                "--scenario",
-                "azure-conv",
-                "3",
-                "4",
-                "--duration",
-                "6",
-                "--time-scale",
-                scale,
-                "--report",
-                str(path),
-            ]
-        )
+        argv = f"--policy none --baselines default --scenario azure-conv 3 4 --duration 6 --time-scale {scale}"
+        rc = evaluate_main([*argv.split(), "--report", str(path)])
         report = json.loads(path.read_text())
         assert rc == 0 and report["scenarios"][0].get("time_scale", 1.0) == float(scale)
         return report["results"][0]["tpot_p99_ms"]
