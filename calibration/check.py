@@ -182,12 +182,8 @@ def check_profile(
             r = normalise_row(row, kind)
         except ValueError as exc:
             raise CheckError(f"{source}: {exc}") from exc
-        if kind == "prefill":
-            pred = model.prefill_ms(r["B"], r["L"], r["backend"], r["precision"])
-            x, graphs = r["L"], False
-        else:
-            pred = model.decode_ms(r["B"], r["C"], r["backend"], r["precision"], r["cuda_graphs"])
-            x, graphs = r["C"], r["cuda_graphs"]
+        pred = model.row_ms(r, kind)
+        x, graphs = (r["L"], False) if kind == "prefill" else (r["C"], r["cuda_graphs"])
         basis = measured.basis(kind, r, x)
         checked.append(CheckedRow(kind, r["B"], x, r["backend"], r["precision"], graphs, r["ms"], pred, source, basis))
     if not checked:

@@ -425,6 +425,12 @@ class LatencyModel:
         """One decode step of B sequences against C cached positions each (ms)."""
         return self._predict(self.decode, B, C, backend, precision, bool(cuda_graphs))
 
+    def row_ms(self, row: Mapping[str, Any], kind: str) -> float:
+        """The prediction for a measured row of `kind` (normalised: `normalise_row`)."""
+        if kind == "prefill":
+            return self.prefill_ms(row["B"], row["L"], row["backend"], row["precision"])
+        return self.decode_ms(row["B"], row["C"], row["backend"], row["precision"], row["cuda_graphs"])
+
     def capture_ms(self, B: float, C: float = 1024.0, backend: str = "flash", precision: str = "bf16") -> float:
         """One-off cost of capturing a decode CUDA graph of batch size B at context C (ms)."""
         replay = self.decode_ms(B, C, backend, precision, True)
@@ -446,15 +452,7 @@ def leave_one_out(
     norm = [normalise_row(r, kind) for r in rows]
     out: list[tuple[dict[str, Any], float]] = []
     for i in range(len(norm)) if indices is None else indices:
-        others = norm[:i] + norm[i + 1 :]
-        r = norm[i]
-        if kind == "prefill":
-            pred = LatencyModel.fit(others, []).prefill_ms(r["B"], r["L"], r["backend"], r["precision"])
-        else:
-            pred = LatencyModel.fit([], others).decode_ms(
-                r["B"], r["C"], r["backend"], r["precision"], r["cuda_graphs"]
-            )
-        out.append((r, pred))
+        out.append((norm[i], _fit_file(norm[:i] + norm[i + 1 :], kind).row_ms(norm[i], kind)))
     return out
 
 
@@ -470,16 +468,11 @@ def leave_group_out(rows: Sequence[Mapping[str, Any]], kind: str) -> dict[tuple,
 
     out: dict[tuple, list[tuple[dict[str, Any], float]]] = {}
     for key in sorted({group(r) for r in norm}):
-        others = [r for r in norm if group(r) != key]
-        model = LatencyModel.fit(others, []) if kind == "prefill" else LatencyModel.fit([], others)
-        out[key] = [
-            (
-                r,
-                model.prefill_ms(r["B"], r["L"], r["backend"], r["precision"])
-                if kind == "prefill"
-                else model.decode_ms(r["B"], r["C"], r["backend"], r["precision"], r["cuda_graphs"]),
-            )
-            for r in norm
-            if group(r) == key
-        ]
+        model = _fit_file([r for r in norm if group(r) != key], kind)
+        out[key] = [(r, model.row_ms(r, kind)) for r in norm if group(r) == key]
     return out
+
+
+def _fit_file(rows: list[dict[str, Any]], kind: str) -> LatencyModel:
+    """A model of one measurement file's rows (prefill or decode), as the benchmarks hold them out."""
+    return LatencyModel.fit(rows, []) if kind == "prefill" else LatencyModel.fit([], rows)

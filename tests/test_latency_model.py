@@ -26,9 +26,7 @@ def model(profile):
 
 
 def _predict(model, row, kind):
-    if kind == "prefill":
-        return model.prefill_ms(row["B"], row["L"], row["backend"], row["precision"])
-    return model.decode_ms(row["B"], row["C"], row["backend"], row["precision"], row["cuda_graphs"])
+    return model.row_ms(normalise_row(row, kind), kind)
 
 
 def _lines(rows, kind):
