@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .latency_model import normalise_row
+from .latency_model import normalise_row, row_group
 from .profile import Profile, ProfileError, load_profile
 
 
@@ -144,10 +144,6 @@ def load_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
 BASES = ("interpolated", "extrapolated", "completed")
 
 
-def _group_key(kind: str, row: Mapping[str, Any]) -> tuple:
-    return (kind, row["backend"], row["precision"], bool(row.get("cuda_graphs")) if kind == "decode" else False)
-
-
 class _MeasuredRanges:
     """The batches and lengths a profile measured, per group: where a row sits against them."""
 
@@ -155,13 +151,13 @@ class _MeasuredRanges:
         self.ranges: dict[tuple, tuple[int, int, int, int]] = {}
         for kind, second in (("prefill", "L"), ("decode", "C")):
             for row in getattr(profile, kind):
-                key = _group_key(kind, row)
+                key = (kind, *row_group(row, kind))
                 b, x = int(row["B"]), int(row[second])
                 lo_b, hi_b, lo_x, hi_x = self.ranges.get(key, (b, b, x, x))
                 self.ranges[key] = (min(lo_b, b), max(hi_b, b), min(lo_x, x), max(hi_x, x))
 
     def basis(self, kind: str, row: Mapping[str, Any], x: int) -> str:
-        span = self.ranges.get(_group_key(kind, row))
+        span = self.ranges.get((kind, *row_group(row, kind)))
         if span is None:
             return "completed"
         lo_b, hi_b, lo_x, hi_x = span

@@ -462,15 +462,16 @@ def leave_group_out(rows: Sequence[Mapping[str, Any]], kind: str) -> dict[tuple,
     completion from the other groups, which leave-one-out (a group always keeps rows) never
     exercises. Returns {group: [(row, predicted ms), ...]}."""
     norm = [normalise_row(r, kind) for r in rows]
-
-    def group(r: Mapping[str, Any]) -> tuple:
-        return (r["backend"], r["precision"]) + ((bool(r["cuda_graphs"]),) if kind == "decode" else ())
-
     out: dict[tuple, list[tuple[dict[str, Any], float]]] = {}
-    for key in sorted({group(r) for r in norm}):
-        model = _fit_file([r for r in norm if group(r) != key], kind)
-        out[key] = [(r, model.row_ms(r, kind)) for r in norm if group(r) == key]
+    for key in sorted({row_group(r, kind) for r in norm}):
+        model = _fit_file([r for r in norm if row_group(r, kind) != key], kind)
+        out[key] = [(r, model.row_ms(r, kind)) for r in norm if row_group(r, kind) == key]
     return out
+
+
+def row_group(row: Mapping[str, Any], kind: str) -> tuple:
+    """The group a measured row belongs to: (backend, precision), and for decode its CUDA-graph mode."""
+    return (row["backend"], row["precision"]) + ((bool(row.get("cuda_graphs")),) if kind == "decode" else ())
 
 
 def _fit_file(rows: list[dict[str, Any]], kind: str) -> LatencyModel:
