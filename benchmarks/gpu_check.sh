@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The device check, in one call (GPU hosts): gpt2-small replays of the Azure excerpt on the
-# live engine under the best-static knobs and under the shipped guarded policy; a quick
+# live engine under the best-static knobs (the shipped evaluation's search, docs/evaluation.json)
+# and under the shipped guarded policy from them; a quick
 # calibration of this card (2 minutes at most) and `calibrate check` of the shipped profiles
 # against it; then the simulator against the live engine on this card
 # (benchmarks/sim_vs_live.py --device cuda, two rounds of calibrate + replay).
@@ -13,7 +14,7 @@ if ! python -c "import autoopt" 2>/dev/null; then  # a bare machine: import the 
 fi
 export PYTHONUNBUFFERED=1
 common=(--trace azure-conv --model "$model" --device "$device" --speedup 8 --start 20 --duration 30
-        --slo-ttft-ms 500 --slo-tpot-ms 20 --max-slots 64)
+        --slo-ttft-ms 500 --slo-tpot-ms 20 --max-slots 256)
 python -c "import torch; print(torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
 python -m autoopt.cli replay "${common[@]}" --knobs benchmarks/knobs_best_static.json --report "$out/replay_static.json"
 python -m autoopt.cli replay "${common[@]}" --knobs benchmarks/knobs_best_static.json --policy policies/shipped/h100-gpt2-small --report "$out/replay_policy.json"

@@ -9,13 +9,12 @@ mkdir -p "$out"
 if ! python -c "import autoopt" 2>/dev/null; then mkdir -p /tmp/pkg && ln -sfn "$PWD" /tmp/pkg/autoopt && export PYTHONPATH=/tmp/pkg; fi
 export PYTHONUNBUFFERED=1
 python -c "import torch; print(torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
-echo '{"max_num_seqs": 128, "max_batched_tokens": 8192, "attention": "flash", "cuda_graphs": false, "precision": "fp16", "allocator": "default"}' > /tmp/bs.json
 common=(--trace azure-conv --model "$model" --device "$dev" --speedup "$speedup" --start 20 --duration "$dur" --slo-ttft-ms 500 --slo-tpot-ms 20 --max-slots 256)
 for name in $only; do
   case $name in
-    static) extra=(--knobs /tmp/bs.json);;
-    ship) extra=(--knobs /tmp/bs.json --policy policies/shipped/h100-gpt2-small);;
-    exp) extra=(--knobs /tmp/bs.json --policy "${CANDIDATE:-runs/exp1/policy}");;
+    static) extra=(--knobs benchmarks/knobs_best_static.json);;
+    ship) extra=(--knobs benchmarks/knobs_best_static.json --policy policies/shipped/h100-gpt2-small);;
+    exp) extra=(--knobs benchmarks/knobs_best_static.json --policy "${CANDIDATE:-runs/exp1/policy}");;
     default) extra=();;
   esac
   t0=$(date +%s); timeout 150 python -m autoopt.cli replay "${common[@]}" "${extra[@]}" --report "$out/replay_$name.json" > "$out/log_$name.txt" 2>&1; echo "$name rc=$? $(( $(date +%s) - t0 ))s"; grep -E "goodput|SLO att|TTFT p99|TPOT p99|OOMs|requests|knobs " "$out/log_$name.txt"

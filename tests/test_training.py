@@ -248,3 +248,24 @@ def test_evaluate_runs_a_scaled_card_and_its_training_grid_follows_it(tmp_path):
     assert all(s.time_scale == 2.0 for s in slow) and all(s.time_scale == 1.0 for s in base)
     with pytest.raises(SystemExit):
         evaluate_main(["--policy", "none", "--baselines", "default", "--backend", "live", "--time-scale", "2"])
+
+
+def test_the_gpu_scripts_replay_the_shipped_evaluations_best_static_config():
+    """The device scripts' `static` replay is what the README compares the policy with on a real
+    card: it must be the best-static config the shipped evaluation's search found, with KV slots
+    enough for its batch (fewer slots would cap max_num_seqs and change the config)."""
+    import re
+
+    from autoopt.engine.knobs import Knobs
+
+    root = Path(__file__).resolve().parents[1]
+    path = root / "benchmarks" / "knobs_best_static.json"
+    found = json.loads((root / "docs" / "evaluation.json").read_text())["best_static"]
+    assert Knobs.from_json_file(path) == Knobs(**found)
+    for script in ("gpu_check.sh", "gpu_policies.sh"):
+        text = (root / "benchmarks" / script).read_text()
+        static = re.findall(r"replay[^\n]*|static\)[^\n]*", text)
+        assert any("--knobs benchmarks/knobs_best_static.json" in line for line in static), script
+        assert "max_num_seqs" not in text, f"{script} writes knobs of its own"
+        slots = [int(n) for n in re.findall(r"--max-slots (\d+)", text)]
+        assert slots and min(slots) >= found["max_num_seqs"], (script, slots)
