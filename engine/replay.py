@@ -55,7 +55,10 @@ def add_replay_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--knobs", type=Path, default=None, help="JSON file of knob values")
     p.add_argument(
-        "--policy", type=Path, default=None, help="an exported runtime policy to set the knobs every iteration"
+        "--policy",
+        type=Path,
+        default=None,
+        help="an exported runtime policy to set the knobs, guarded, at the cadence its manifest records",
     )
     p.add_argument("--max-switches-per-s", type=float, default=1.0, help="with --policy: rate limit on costly switches")
     p.add_argument("--slo-ttft-ms", type=float, default=1000.0)
