@@ -8,6 +8,8 @@ bf16 prefill <= 10%, CUDA-graph decode <= 10%, eager decode <= 20%.
 Then, for information (no limit): every group held out whole in turn, fitted on the file's
 other groups. That is what the model does for a kernel or precision a profile never
 measured (`calibrate check` calls those rows "completed"); leave-one-out never tests it.
+And the largest batch, and the largest length or context, held out in turn, fitted on the
+rows below it: what the model does beyond the range a profile measured ("extrapolated").
 
     .venv/bin/python benchmarks/latency_loo.py [DATA_DIR]      (default ../shared/data/h100)
 """
@@ -22,7 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from autoopt.calibration.latency_model import leave_group_out, leave_one_out
+from autoopt.calibration.latency_model import leave_edge_out, leave_group_out, leave_one_out
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "h100"
@@ -86,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     print(f"\noverall MAPE {mape(overall):5.1f}%  ({len(overall)} rows)")
     print_group_holdout(files)
+    print_edge_holdout(files)
     ok = True
     for name, limit in LIMITS.items():
         value = mape(limits_seen[name])
@@ -113,6 +116,33 @@ def print_group_holdout(files: dict[str, Path], compute_bound_ms: float = 10.0) 
                 f"  {label:32s} {len(errs):4d}  {mape([abs(e) for e in errs]):5.1f}%  "
                 f"{100 * sorted(errs)[len(errs) // 2]:+9.1f}%  {slow:>14s}"
             )
+
+
+def print_edge_holdout(files: dict[str, Path]) -> None:
+    """The largest value of each axis held out: MAPE, median signed error and the worst row,
+    per CUDA-graph mode for decode (eager steps carry the host's launch-rate drift)."""
+    print("\nthe largest batch, length or context held out (fitted on the rows below it; for information):")
+    print(f"  {'rows held out':40s} {'rows':>4s}  {'MAPE':>6s}  {'median err':>10s}  {'worst':>6s}")
+    for kind, path in files.items():
+        rows = read_jsonl(path)
+        held = leave_edge_out(rows, kind)
+        for axis in ("B", "L" if kind == "prefill" else "C"):
+            if axis not in held:
+                values = sorted({r[axis] for r in rows})
+                print(f"  {kind} {axis}: measured at {len(values)} value(s) {values}, too few to hold one out")
+                continue
+            edge, below, pairs = held[axis]
+            modes = (None,) if kind == "prefill" else (True, False)
+            for graphs in modes:
+                errs = [pred / row["ms"] - 1 for row, pred in pairs if graphs is None or row["cuda_graphs"] == graphs]
+                if not errs:
+                    continue
+                mode = "" if graphs is None else " graphs" if graphs else " eager"
+                label = f"{kind}{mode} {axis}={edge:g} (fitted up to {below:g})"
+                print(
+                    f"  {label:40s} {len(errs):4d}  {mape([abs(e) for e in errs]):5.1f}%  "
+                    f"{100 * sorted(errs)[len(errs) // 2]:+9.1f}%  {100 * max(abs(e) for e in errs):5.1f}%"
+                )
 
 
 if __name__ == "__main__":

@@ -469,6 +469,27 @@ def leave_group_out(rows: Sequence[Mapping[str, Any]], kind: str) -> dict[tuple,
     return out
 
 
+def leave_edge_out(
+    rows: Sequence[Mapping[str, Any]], kind: str
+) -> dict[str, tuple[float, float, list[tuple[dict[str, Any], float]]]]:
+    """For each axis (B, and L or C) measured at three values or more: fit on the rows below
+    its largest value, predict the rows at it. What the model does beyond the range a profile
+    measured (`calibrate check` calls those rows "extrapolated"), on rows that were measured;
+    leave-one-out keeps every edge's neighbours in the fit. An axis measured at two values is
+    skipped: the fit would see one, and nothing in the rows would say how time grows along it.
+    Returns {axis: (largest value, largest value fitted, [(row, predicted ms), ...])}."""
+    norm = [normalise_row(r, kind) for r in rows]
+    out: dict[str, tuple[float, float, list[tuple[dict[str, Any], float]]]] = {}
+    for axis in ("B", "L" if kind == "prefill" else "C"):
+        values = sorted({r[axis] for r in norm})
+        if len(values) < 3:
+            continue
+        edge = values[-1]
+        model = _fit_file([r for r in norm if r[axis] < edge], kind)
+        out[axis] = (edge, values[-2], [(r, model.row_ms(r, kind)) for r in norm if r[axis] == edge])
+    return out
+
+
 def row_group(row: Mapping[str, Any], kind: str) -> tuple:
     """The group a measured row belongs to: (backend, precision), and for decode its CUDA-graph mode."""
     return (row["backend"], row["precision"]) + ((bool(row.get("cuda_graphs")),) if kind == "decode" else ())
