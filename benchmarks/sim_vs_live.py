@@ -106,9 +106,10 @@ CASES: tuple[Case, ...] = (
 )
 
 
-# gpt2-small on a GPU: the knobs and SLO of the GPU replays (benchmarks/gpu_policies.sh), the
-# shipped evaluation's best-static config.
+# gpt2-small on a GPU: the knobs of the GPU replays (benchmarks/gpu_check.sh, gpu_policies.sh),
+# the shipped evaluation's best-static config.
 GPU_KNOBS = Path(__file__).resolve().with_name("knobs_best_static.json")
+
 # By the H100 engine profile, x4 and x8 run under the knee (all within SLO) and x10 is on it
 # (TTFT p99 ~0.4 s), where a few percent of speed moves TTFT by multiples: kept out.
 CUDA_CASES: tuple[Case, ...] = (

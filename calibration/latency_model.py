@@ -29,7 +29,7 @@ unseen combination.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -462,11 +462,10 @@ def leave_group_out(rows: Sequence[Mapping[str, Any]], kind: str) -> dict[tuple,
     completion from the other groups, which leave-one-out (a group always keeps rows) never
     exercises. Returns {group: [(row, predicted ms), ...]}."""
     norm = [normalise_row(r, kind) for r in rows]
-    out: dict[tuple, list[tuple[dict[str, Any], float]]] = {}
-    for key in sorted({row_group(r, kind) for r in norm}):
-        model = _fit_file([r for r in norm if row_group(r, kind) != key], kind)
-        out[key] = [(r, model.row_ms(r, kind)) for r in norm if row_group(r, kind) == key]
-    return out
+    return {
+        key: _predict_held_out(norm, kind, lambda r, key=key: row_group(r, kind) == key)
+        for key in sorted({row_group(r, kind) for r in norm})
+    }
 
 
 def leave_edge_out(
@@ -485,9 +484,16 @@ def leave_edge_out(
         if len(values) < 3:
             continue
         edge = values[-1]
-        model = _fit_file([r for r in norm if r[axis] < edge], kind)
-        out[axis] = (edge, values[-2], [(r, model.row_ms(r, kind)) for r in norm if r[axis] == edge])
+        out[axis] = (edge, values[-2], _predict_held_out(norm, kind, lambda r, a=axis, e=edge: r[a] == e))
     return out
+
+
+def _predict_held_out(
+    norm: list[dict[str, Any]], kind: str, held: Callable[[dict[str, Any]], bool]
+) -> list[tuple[dict[str, Any], float]]:
+    """Fit on the rows `held` rejects, predict the ones it picks: (row, predicted ms)."""
+    model = _fit_file([r for r in norm if not held(r)], kind)
+    return [(r, model.row_ms(r, kind)) for r in norm if held(r)]
 
 
 def row_group(row: Mapping[str, Any], kind: str) -> tuple:

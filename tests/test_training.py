@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import yaml
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.util import tensor_util
 
+from autoopt.engine.knobs import Knobs
 from autoopt.envs import ENV_ID
 from autoopt.policies.export import export_main
 from autoopt.policies.guard import GuardedPolicy
@@ -254,10 +256,6 @@ def test_the_gpu_scripts_replay_the_shipped_evaluations_best_static_config():
     """The device scripts' `static` replay is what the README compares the policy with on a real
     card: it must be the best-static config the shipped evaluation's search found, with KV slots
     enough for its batch (fewer slots would cap max_num_seqs and change the config)."""
-    import re
-
-    from autoopt.engine.knobs import Knobs
-
     root = Path(__file__).resolve().parents[1]
     path = root / "benchmarks" / "knobs_best_static.json"
     found = json.loads((root / "docs" / "evaluation.json").read_text())["best_static"]
