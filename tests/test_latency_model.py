@@ -146,32 +146,35 @@ def test_leave_group_out_predicts_each_group_without_its_rows(profile, model):
     assert set(decode) == {(r["backend"], r["precision"], r["cuda_graphs"]) for r in profile.decode}
 
 
-def test_leave_edge_out_predicts_the_largest_value_of_each_axis_from_the_rows_below(profile, model):
+@pytest.fixture(scope="module")
+def edge_out(profile):
+    return {kind: leave_edge_out(getattr(profile, kind), kind) for kind in ("prefill", "decode")}
+
+
+def test_leave_edge_out_predicts_the_largest_value_of_each_axis_from_the_rows_below(profile, model, edge_out):
     """The rows at an axis's largest value come back, predicted by a fit that saw only smaller
     values on that axis: the full fit reproduces them, the edge-out fit does not. An axis
     measured at two values (the shared decode rows' contexts) is not held out."""
+    assert set(edge_out["prefill"]) == {"B", "L"} and set(edge_out["decode"]) == {"B"}
     for kind, second in (("prefill", "L"), ("decode", "C")):
         rows = getattr(profile, kind)
-        held = leave_edge_out(rows, kind)
         for axis in ("B", second):
             values = sorted({r[axis] for r in rows})
             if len(values) < 3:
-                assert axis not in held
+                assert axis not in edge_out[kind]
                 continue
-            edge, below, pairs = held[axis]
+            edge, below, pairs = edge_out[kind][axis]
             assert (edge, below) == (values[-1], values[-2])
             assert len(pairs) == sum(r[axis] == edge for r in rows) and all(r[axis] == edge for r, _ in pairs)
             assert all(math.isfinite(p) and p > 0 for _, p in pairs)
             assert _mape([(r, _predict(model, r, kind)) for r, _ in pairs]) < 1e-6
             assert _mape(pairs) > 0.5
-    assert set(leave_edge_out(profile.prefill, "prefill")) == {"B", "L"}
-    assert set(leave_edge_out(profile.decode, "decode")) == {"B"}
 
 
-def test_a_step_beyond_the_measured_prefill_grid_stays_near_the_measurement(profile):
+def test_a_step_beyond_the_measured_prefill_grid_stays_near_the_measurement(edge_out):
     """Prefill one doubling past the batches or lengths a fit saw: the launch floor and the
     compute and attention slopes carry it (measured on the H100 rows: 3.6% and 4.5% MAPE)."""
-    for axis, (_, _, pairs) in leave_edge_out(profile.prefill, "prefill").items():
+    for axis, (_, _, pairs) in edge_out["prefill"].items():
         assert _mape(pairs) < 10.0, axis
 
 
