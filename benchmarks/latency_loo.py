@@ -52,10 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         print("give the folder with prefill.jsonl and decode.jsonl as the first argument", file=sys.stderr)
         return 2
 
+    rows_by_kind = {kind: read_jsonl(path) for kind, path in files.items()}
     limits_seen: dict[str, list[float]] = defaultdict(list)
     overall: list[float] = []
     for kind, path in files.items():
-        rows = read_jsonl(path)
+        rows = rows_by_kind[kind]
         t0 = time.perf_counter()
         results = leave_one_out(rows, kind)
         secs = time.perf_counter() - t0
@@ -87,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"  predicted {pred:8.3f} ms  ({100 * err:5.1f}%)"
             )
     print(f"\noverall MAPE {mape(overall):5.1f}%  ({len(overall)} rows)")
-    print_group_holdout(files)
-    print_edge_holdout(files)
+    print_group_holdout(rows_by_kind)
+    print_edge_holdout(rows_by_kind)
     ok = True
     for name, limit in LIMITS.items():
         value = mape(limits_seen[name])
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if ok else 1
 
 
-def print_group_holdout(files: dict[str, Path], compute_bound_ms: float = 10.0) -> None:
+def print_group_holdout(rows_by_kind: dict[str, list[dict[str, Any]]], compute_bound_ms: float = 10.0) -> None:
     """Each group held out whole: MAPE over its rows, and over those of at least
     `compute_bound_ms` (out of reach of the host's launch-rate drift), with the median signed
     error (+: predicted slower than measured)."""
@@ -106,8 +107,8 @@ def print_group_holdout(files: dict[str, Path], compute_bound_ms: float = 10.0) 
     print(
         f"  {'group':32s} {'rows':>4s}  {'MAPE':>6s}  {'median err':>10s}  {'rows >= ' + str(int(compute_bound_ms)) + ' ms':>14s}"
     )
-    for kind, path in files.items():
-        for key, results in leave_group_out(read_jsonl(path), kind).items():
+    for kind, rows in rows_by_kind.items():
+        for key, results in leave_group_out(rows, kind).items():
             errs = [pred / row["ms"] - 1 for row, pred in results]
             big = [abs(pred / row["ms"] - 1) for row, pred in results if row["ms"] >= compute_bound_ms]
             label = f"{kind} {' '.join(key[:2])}" + (f" {'graphs' if key[2] else 'eager'}" if kind == "decode" else "")
@@ -118,13 +119,12 @@ def print_group_holdout(files: dict[str, Path], compute_bound_ms: float = 10.0) 
             )
 
 
-def print_edge_holdout(files: dict[str, Path]) -> None:
+def print_edge_holdout(rows_by_kind: dict[str, list[dict[str, Any]]]) -> None:
     """The largest value of each axis held out: MAPE, median signed error and the worst row,
     per CUDA-graph mode for decode (eager steps carry the host's launch-rate drift)."""
     print("\nthe largest batch, length or context held out (fitted on the rows below it; for information):")
     print(f"  {'rows held out':40s} {'rows':>4s}  {'MAPE':>6s}  {'median err':>10s}  {'worst':>6s}")
-    for kind, path in files.items():
-        rows = read_jsonl(path)
+    for kind, rows in rows_by_kind.items():
         held = leave_edge_out(rows, kind)
         for axis in ("B", "L" if kind == "prefill" else "C"):
             if axis not in held:
