@@ -74,22 +74,26 @@ COMMANDS = {
 }
 
 
+def _usage(argv: list[str]) -> int:
+    print("usage: autoopt COMMAND [options]   (autoopt COMMAND --help for each)\n")
+    for name, (_, doc) in COMMANDS.items():
+        print(f"  {name:<10} {doc}")
+    if argv and argv[0] not in ("-h", "--help"):
+        print(f"\nunknown command {argv[0]!r}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: autoopt COMMAND [options]   (autoopt COMMAND --help for each)\n")
-        for name, (_, doc) in COMMANDS.items():
-            print(f"  {name:<10} {doc}")
-        if argv and argv[0] not in ("-h", "--help"):
-            print(f"\nunknown command {argv[0]!r}", file=sys.stderr)
-            return 2
-        return 0
-    fn, _ = COMMANDS[argv[0]]
     try:
+        if not argv or argv[0] not in COMMANDS:
+            return _usage(argv)
+        fn, _ = COMMANDS[argv[0]]
         return fn(argv[1:])
     except BrokenPipeError:
-        # the reader went away (`autoopt calibrate check ... | head`): not an error of ours.
-        # Point stdout at devnull so the interpreter's final flush does not raise again.
+        # the reader went away (`autoopt --help | head`): not an error of ours. Point
+        # stdout at devnull so the interpreter's final flush does not raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
 
