@@ -6,7 +6,9 @@
 Copies the measured rows (the fields the schema names), takes the one-off costs from
 switch.jsonl and decode capture times, fits the allocator model on alloc.jsonl, and records
 where all of it came from. Nothing is smoothed: the latency and memory models are fitted
-from these rows whenever the profile is loaded.
+from these rows whenever the profile is loaded. convnet.jsonl (ResNet-50 under
+cudnn.benchmark and channels_last) is left out: those are knobs of convolutions, and the
+engine serves a transformer.
 """
 
 from __future__ import annotations
