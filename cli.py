@@ -96,6 +96,14 @@ def main(argv: list[str] | None = None) -> int:
         # stdout at devnull so the interpreter's final flush does not raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except (ValueError, OSError) as exc:
+        # Bad input (a malformed trace, profile, policy file or knobs; a path that cannot be
+        # read or written): the loaders' messages name the file and line, so print that,
+        # not a traceback. AUTOOPT_TRACEBACK=1 shows the traceback too.
+        if os.environ.get("AUTOOPT_TRACEBACK"):
+            raise
+        print(f"autoopt {argv[0]}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .argtypes import nonneg_float, positive_float, positive_int
 from .engine import Engine, EngineConfig
 from .knobs import Knobs
 from .telemetry import SLO
@@ -44,29 +45,39 @@ def add_replay_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny", help="model preset for the live engine: tiny | gpt2-small")
     p.add_argument("--profile", default=None, help="profile for --backend sim (default: cpu-tiny on a CPU)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--speedup", type=float, default=1.0, help="divide inter-arrival times by this factor")
-    p.add_argument("--start", type=float, default=0.0, help="start of the trace window, seconds (after speed-up)")
-    p.add_argument("--duration", type=float, default=60.0, help="length of the trace window, seconds (after speed-up)")
+    p.add_argument("--speedup", type=positive_float, default=1.0, help="divide inter-arrival times by this factor")
+    p.add_argument(
+        "--start", type=nonneg_float, default=0.0, help="start of the trace window, seconds (after speed-up)"
+    )
+    p.add_argument(
+        "--duration", type=positive_float, default=60.0, help="length of the trace window, seconds (after speed-up)"
+    )
     p.add_argument(
         "--drain",
-        type=float,
+        type=nonneg_float,
         default=None,
         help="seconds allowed after the window to finish in-flight work (default: the window's length)",
     )
     p.add_argument("--knobs", type=Path, default=None, help="JSON file of knob values")
     p.add_argument(
         "--policy",
-        type=Path,
         default=None,
-        help="an exported runtime policy to set the knobs, guarded, at the cadence its manifest records",
+        help="an exported runtime policy (a dir, or a shipped name) to set the knobs, guarded, at the "
+        "cadence its manifest records",
     )
-    p.add_argument("--max-switches-per-s", type=float, default=1.0, help="with --policy: rate limit on costly switches")
-    p.add_argument("--slo-ttft-ms", type=float, default=1000.0)
-    p.add_argument("--slo-tpot-ms", type=float, default=100.0)
+    p.add_argument(
+        "--max-switches-per-s", type=nonneg_float, default=1.0, help="with --policy: rate limit on costly switches"
+    )
+    p.add_argument("--slo-ttft-ms", type=positive_float, default=1000.0)
+    p.add_argument("--slo-tpot-ms", type=positive_float, default=100.0)
     p.add_argument("--clock", choices=("virtual", "realtime"), default="virtual")
-    p.add_argument("--queue-timeout-s", type=float, default=None, help="reject requests that waited longer than this")
-    p.add_argument("--max-slots", type=int, default=64, help="KV-cache slots (most concurrent sequences)")
-    p.add_argument("--memory-cap-gib", type=float, default=None, help="cap on device memory the engine may use")
+    p.add_argument(
+        "--queue-timeout-s", type=positive_float, default=None, help="reject requests that waited longer than this"
+    )
+    p.add_argument("--max-slots", type=positive_int, default=64, help="KV-cache slots (most concurrent sequences)")
+    p.add_argument(
+        "--memory-cap-gib", type=positive_float, default=None, help="cap on device memory the engine may use"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report", type=Path, default=None, help="write the summary as JSON here")
     p.add_argument("--quiet", action="store_true")
@@ -91,10 +102,11 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
     trace = trace.clip(executor.capacity.max_context)
     controller = None
     if args.policy is not None:
+        from ..policies import resolve_policy
         from ..policies.guard import GuardedPolicy
         from ..policies.runtime import RuntimePolicy
 
-        policy = RuntimePolicy.load(args.policy)
+        policy = RuntimePolicy.load(resolve_policy(args.policy))
         controller = GuardedPolicy(
             policy,
             device_type=executor.device_type,
@@ -152,6 +164,12 @@ def format_summary(report: dict[str, Any]) -> str:
             **report
         )
     )
+    if report.get("not_arrived") or report.get("lost"):
+        lines.append(
+            "  of the {requests} requests in the window: not arrived by the end {not_arrived}, lost {lost}".format(
+                **report
+            )
+        )
     lines.append("  knobs              " + ", ".join(f"{k}={v}" for k, v in report["knobs"].items()))
     for k, why in report.get("not_applicable", {}).items():
         lines.append(f"  not applicable     {k}: {why}")
@@ -159,6 +177,8 @@ def format_summary(report: dict[str, Any]) -> str:
 
 
 def replay_main(args: argparse.Namespace) -> int:
+    if args.report is not None and args.report.is_dir():  # found now, not after the run
+        raise IsADirectoryError(f"--report {args.report} is a directory; give a file path")
     report = replay(args)
     if not args.quiet:
         print(format_summary(report))
@@ -167,4 +187,4 @@ def replay_main(args: argparse.Namespace) -> int:
         args.report.write_text(json.dumps(report, indent=2, default=str))
         if not args.quiet:
             print(f"report written to {args.report}", file=sys.stderr)
-    return 0 if report["balanced"] else 1
+    return 0 if report["balanced"] and report["lost"] == 0 else 1

@@ -32,3 +32,36 @@ def test_a_closed_pipe_on_stdout_ends_quietly(argv: list[str]) -> None:
     finally:
         os.close(write_end)
     assert "Traceback" not in done.stderr.decode(), done.stderr.decode()
+
+
+def test_bad_input_is_one_line_naming_the_file_and_exit_code_2(tmp_path, capsys) -> None:
+    trace = tmp_path / "bad.csv"
+    trace.write_text(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.6805900,374,44\n2023-11-16 18:15:50.9951690,396,-5\n"
+    )
+    rc = main(["replay", "--backend", "sim", "--trace", str(trace), "--duration", "5"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("autoopt replay: error: ") and "bad.csv: line 3" in err and "Traceback" not in err
+    (tmp_path / "report.json").mkdir()
+    rc = main(["replay", "--backend", "sim", "--report", str(tmp_path / "report.json"), "--duration", "5"])
+    assert rc == 2 and "is a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["replay", "--speedup", "0"],
+        ["replay", "--drain", "-1"],
+        ["replay", "--memory-cap-gib", "nan"],
+        ["replay", "--max-slots", "0"],
+        ["evaluate", "--load-scale", "0"],
+        ["evaluate", "--policy", "none", "--scenario", "azure-conv", "4", "inf"],
+        ["evaluate", "--policy", "none", "--baselines", "default,bogus"],
+    ],
+)
+def test_a_number_or_name_no_run_can_use_is_refused_before_the_run(argv: list[str], capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert "error:" in capsys.readouterr().err

@@ -24,8 +24,10 @@ from ..agents.base import KnobPolicy, as_controller, default_policy
 from ..agents.best_static import SearchResult, best_static_policy, search_best_static
 from ..agents.learned import LearnedPolicy
 from ..agents.oracle import build_oracle
+from ..engine.argtypes import nonneg_float, positive_float
 from ..engine.knob_space import KNOB_TABLES, knob_position
 from ..engine.telemetry import SLO, IterationStats
+from ..engine.traces import load_trace
 from ..envs.scenario import Scenario, run_scenario
 
 BASELINES = ("default", "best-static", "aimd", "oracle")
@@ -229,8 +231,8 @@ def evaluate_main(argv: list[str]) -> int:
         "--trace", action="append", default=None, help="trace path, shipped name or synthetic spec (repeatable)"
     )
     p.add_argument("--profile", default="h100-gpt2-small")
-    p.add_argument("--load-scale", type=float, nargs="+", default=[4.0])
-    p.add_argument("--memory-cap", type=float, nargs="+", default=[4.0], help="GiB; 0 for the whole device")
+    p.add_argument("--load-scale", type=positive_float, nargs="+", default=[4.0])
+    p.add_argument("--memory-cap", type=nonneg_float, nargs="+", default=[4.0], help="GiB; 0 for the whole device")
     p.add_argument(
         "--scenario",
         nargs=3,
@@ -240,10 +242,10 @@ def evaluate_main(argv: list[str]) -> int:
         help="one scenario (repeatable), for traces whose stress loads differ; replaces the "
         "--trace x --load-scale x --memory-cap grid",
     )
-    p.add_argument("--start", type=float, default=0.0)
-    p.add_argument("--duration", type=float, default=120.0)
-    p.add_argument("--slo-ttft-ms", type=float, default=None)
-    p.add_argument("--slo-tpot-ms", type=float, default=None)
+    p.add_argument("--start", type=nonneg_float, default=0.0)
+    p.add_argument("--duration", type=positive_float, default=120.0)
+    p.add_argument("--slo-ttft-ms", type=positive_float, default=None)
+    p.add_argument("--slo-tpot-ms", type=positive_float, default=None)
     p.add_argument(
         "--time-scale",
         type=float,
@@ -268,9 +270,11 @@ def evaluate_main(argv: list[str]) -> int:
     grid = [(t, x, c) for t in traces for x in a.load_scale for c in a.memory_cap]
     if a.scenario:
         try:
-            grid = [(t, float(x), float(c)) for t, x, c in a.scenario]
-        except ValueError:
-            p.error("--scenario takes TRACE LOAD CAP_GIB, with LOAD and CAP_GIB numbers")
+            grid = [(t, positive_float(x), nonneg_float(c)) for t, x, c in a.scenario]
+        except argparse.ArgumentTypeError as exc:
+            p.error(f"--scenario takes TRACE LOAD CAP_GIB, LOAD > 0 and CAP_GIB >= 0 (0: the whole device): {exc}")
+    for t in dict.fromkeys(t for t, _, _ in grid):  # a bad trace is found now, not after the earlier scenarios
+        load_trace(t)
     scenarios = [
         Scenario(
             trace=t,
@@ -292,6 +296,9 @@ def evaluate_main(argv: list[str]) -> int:
         training_scenarios(env_kwargs, time_scale=a.time_scale) if a.best_static_on == "train" and env_kwargs else None
     )
     baselines = [b for b in a.baselines.split(",") if b]
+    unknown = [b for b in baselines if b not in BASELINES]
+    if unknown:  # before the best-static search, which takes minutes
+        p.error(f"unknown baseline(s) {', '.join(map(repr, unknown))}; known: {', '.join(BASELINES)}")
     report = evaluate(scenarios, slo, learned, baselines, a.seed, search, backend=a.backend)
     if learned:
         report["policy"] = learned["path"]
