@@ -36,6 +36,23 @@ Controller = Callable[["Engine"], "Knobs | None"]
 _EXECUTOR_KNOBS = tuple(name for name in KNOB_NAMES if name not in LIMIT_KNOBS)
 
 
+def check_requests(requests: Sequence[Request]) -> None:
+    """Refuse requests the loop cannot serve: a NaN or infinite arrival would stall the
+    clock, a repeated request or rid would be served twice and counted once, and lengths
+    must be whole tokens >= 1. (Traces are checked when loaded; this guards the API.)"""
+    rids: set[int] = set()
+    for r in requests:
+        if not (math.isfinite(r.arrival_s) and r.arrival_s >= 0):
+            raise ValueError(f"request {r.rid}: arrival_s must be a finite time >= 0, got {r.arrival_s!r}")
+        for name in ("prompt_len", "output_len"):
+            n = getattr(r, name)
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"request {r.rid}: {name} must be an integer >= 1, got {n!r}")
+        if r.rid in rids:
+            raise ValueError(f"request id {r.rid} appears twice (each request must be a distinct rid)")
+        rids.add(r.rid)
+
+
 def _executor_knobs(knobs: Knobs) -> tuple[object, ...]:
     """The knobs an executor acts on (all but the batch limits, which are the scheduler's)."""
     return tuple(getattr(knobs, name) for name in _EXECUTOR_KNOBS)
@@ -79,6 +96,7 @@ class Engine:
     ) -> None:
         self.executor = executor
         self.config = config or EngineConfig()
+        check_requests(requests)
         self.requests = sorted(requests, key=lambda r: r.arrival_s)
         self.scheduler = Scheduler(executor.capacity, self.config.max_tries, self.config.queue_timeout_s)
         self.telemetry = Telemetry(self.config.slo)
@@ -197,6 +215,12 @@ class Engine:
         n_prefill, n_decode, prefill_tokens = len(batch.prefill), len(batch.decode), batch.prefill_tokens
         # Everything queued may just have expired: then there is nothing to run.
         result = StepResult(ms=0.0) if batch.empty else self.executor.execute(batch)
+        if not (result.ms >= 0.0 and result.ms < math.inf):  # NaN fails both
+            # the clock would stall (NaN), jump past every arrival (inf) or run backwards
+            raise ValueError(
+                f"the executor reported an iteration time of {result.ms!r} ms (iteration {self.iteration}); "
+                "times must be finite and >= 0"
+            )
         if virtual:
             self.now_s += (result.ms + switch_ms) / 1e3
         else:
@@ -253,7 +277,9 @@ class Engine:
         on_step: Callable[[IterationStats], None] | None = None,
     ) -> dict[str, Any]:
         """Iterate until the requests are exhausted, the clock passes `until_s`, or
-        `max_iterations` ran; then return the report."""
+        `max_iterations` ran; then return the report. Requests whose arrival the clock has
+        passed join the queue before the report, so each one counts (as queued if no
+        iteration took it up); those the clock has not reached count as `not_arrived`."""
         while max_iterations is None or self.iteration < max_iterations:
             if until_s is not None and self.now_s >= until_s:
                 break
@@ -262,6 +288,7 @@ class Engine:
                 break
             if on_step is not None:
                 on_step(stats)
+        self._admit_arrivals()
         return self.report()
 
     # -- accounting -------------------------------------------------------------------
@@ -310,4 +337,12 @@ class Engine:
                 "balanced": self.scheduler.balanced(),
             }
         )
+        # Every request given to the engine is accounted for, counted from the requests'
+        # own times and states rather than the loop's pointer: one the loop skipped shows
+        # here as lost.
+        not_arrived = sum(1 for r in self.requests if r.arrival_s > self.now_s)
+        accounted = summary["completed"] + summary["queued"] + summary["running"] + summary["rejected"]
+        summary["requests"] = len(self.requests)
+        summary["not_arrived"] = not_arrived
+        summary["lost"] = len(self.requests) - accounted - not_arrived
         return summary

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import pytest
 
+from autoopt.calibration.sim_executor import SimExecutor
 from autoopt.cli import main
 from autoopt.engine.engine import Engine, EngineConfig
+from autoopt.engine.executor import StepResult
 from autoopt.engine.knobs import Knobs
 from autoopt.engine.request import Request, RequestState
 from autoopt.engine.telemetry import SLO
@@ -149,3 +152,57 @@ def test_replay_cli_on_the_shipped_azure_trace(tmp_path, capsys):
     ):
         assert key in report
     assert "goodput" in capsys.readouterr().out
+
+
+def _sim() -> SimExecutor:
+    return SimExecutor("cpu-tiny", max_slots=16, seed=0)
+
+
+def test_arrivals_the_last_iteration_passed_are_queued_not_dropped():
+    # A 500-token prefill takes ~10 ms: the run stops after it, with the clock past the
+    # other nine arrivals (1 ms apart). They must be in the report, as queued.
+    reqs = [Request(rid=i, arrival_s=i * 1e-3, prompt_len=500, output_len=4) for i in range(10)]
+    reqs.append(Request(rid=10, arrival_s=5.0, prompt_len=20, output_len=4))  # after the end
+    report = Engine(_sim(), reqs, CPU_KNOBS.replace(max_num_seqs=1)).run(until_s=1e-4)
+    assert report["iterations"] == 1
+    assert report["arrived"] == 10 and report["running"] == 1 and report["queued"] == 9
+    assert report["requests"] == 11 and report["not_arrived"] == 1 and report["lost"] == 0
+
+
+class _BadTimeExecutor(SimExecutor):
+    """The simulator, reporting `bad_ms` as the time of its `at`-th iteration (a broken timer)."""
+
+    def __init__(self, bad_ms: float, at: int = 3) -> None:
+        super().__init__("cpu-tiny", max_slots=16, seed=0)
+        self.bad_ms, self.at, self.n = bad_ms, at, 0
+
+    def execute(self, batch):
+        result = super().execute(batch)
+        self.n += 1
+        return result if self.n != self.at else StepResult(ms=self.bad_ms)
+
+
+@pytest.mark.parametrize("bad_ms", [math.nan, math.inf, -5.0])
+def test_a_non_finite_or_negative_iteration_time_is_an_error_not_a_stalled_clock(bad_ms):
+    engine = Engine(_BadTimeExecutor(bad_ms), _requests(20), CPU_KNOBS)
+    with pytest.raises(ValueError, match="iteration time"):
+        engine.run(until_s=60.0)
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"arrival_s": math.nan}, "arrival_s"),
+        ({"arrival_s": math.inf}, "arrival_s"),
+        ({"arrival_s": -1.0}, "arrival_s"),
+        ({"prompt_len": 10.5}, "prompt_len"),
+        ({"output_len": 0}, "output_len"),
+        ({"rid": 0}, "twice"),
+    ],
+)
+def test_requests_the_loop_cannot_serve_are_refused(bad, match):
+    reqs = _requests(3)
+    last = reqs[-1]
+    reqs[-1] = Request(**{"rid": last.rid, "arrival_s": 1.0, "prompt_len": 8, "output_len": 2, **bad})
+    with pytest.raises(ValueError, match=match):
+        Engine(_sim(), reqs, CPU_KNOBS)
