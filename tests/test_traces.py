@@ -27,6 +27,7 @@ from autoopt.engine.traces import (
     poisson,
     ramp,
 )
+from autoopt.engine.traces.trace import MAX_TOKENS
 
 AZURE = TRACE_DIR / "azure_conv_2023_excerpt.csv"
 MOONCAKE = TRACE_DIR / "mooncake_conv_excerpt.jsonl"
@@ -256,6 +257,7 @@ BAD_CSV = [
     ("neg_len.csv", HDR + ROW + "2023-11-16 18:15:47.0,-5,3\n", 3, "negative"),
     ("nan_len.csv", HDR + ROW + "2023-11-16 18:15:47.0,5,nan\n", 3, "NaN"),
     ("frac_len.csv", HDR + ROW + "2023-11-16 18:15:47.0,5.5,3\n", 3, "non-integer"),
+    ("huge_len.csv", HDR + ROW + "2023-11-16 18:15:47.0,5,1e30\n", 3, "too large"),  # int64 would wrap
     ("order.csv", HDR + ROW + "2023-11-16 18:15:47.0,5,3\n2023-11-16 18:15:46.0,5,3\n", 4, "out of order"),
     ("header_only.csv", HDR, 2, "empty"),
     ("blank.csv", "", 1, "empty"),
@@ -283,6 +285,12 @@ BAD_JSONL = [
     ("str_len.jsonl", jl(GOOD, GOOD, '{"timestamp": 10, "input_length": "ten", "output_length": 5}'), 3, "non-numeric"),
     ("neg_len.jsonl", jl(GOOD, '{"timestamp": 10, "input_length": 10, "output_length": -1}'), 2, "negative"),
     ("nan_len.jsonl", jl(GOOD, '{"timestamp": 10, "input_length": NaN, "output_length": 1}'), 2, "NaN"),
+    (
+        "huge_len.jsonl",
+        jl(GOOD, '{"timestamp": 10, "input_length": 99999999999999999999999, "output_length": 1}'),
+        2,
+        "too large",
+    ),
     ("nan_ts.jsonl", jl(GOOD, '{"timestamp": NaN, "input_length": 1, "output_length": 1}'), 2, "NaN"),
     ("order.jsonl", jl('{"timestamp": 50, "input_length": 1, "output_length": 1}', GOOD), 2, "out of order"),
     ("broken.jsonl", jl(GOOD, '{"timestamp": 1, "input_length'), 2, "malformed"),
@@ -488,3 +496,15 @@ def test_shipped_catalogue():
 
 def test_vendored_paths_are_inside_package():
     assert Path(load_trace("azure-conv").source).parent == TRACE_DIR
+
+
+def test_a_directory_given_as_a_trace_is_a_trace_error(tmp_path):
+    folder = tmp_path / "looks_like.csv"
+    folder.mkdir()
+    with pytest.raises(TraceError, match="looks_like.csv: is a directory"):
+        load_trace(folder)
+
+
+def test_a_synthetic_median_past_any_token_count_is_held_to_the_largest():
+    trace = load_trace("poisson:rate=5,duration=10,prompt_median=1e30")
+    assert len(trace) > 0 and int(trace.prompt_len.min()) >= 1 and int(trace.prompt_len.max()) <= MAX_TOKENS

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .trace import Trace, trace_error
+from .trace import MAX_TOKENS, Trace, trace_error
 
 _LINE_BREAK = re.compile(r"\r\n?|\n")
 _NS_FIRST, _NS_END = np.datetime64("1678-01-01", "us"), np.datetime64("2262-01-01", "us")
@@ -29,6 +29,8 @@ def _read_lines(path: Path) -> list[str]:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise trace_error(path, None, "file not found") from None
+    except OSError as e:  # a directory, no permission, ...
+        raise trace_error(path, None, (e.strerror or str(e)).lower()) from None
     except UnicodeDecodeError as e:
         line = path.read_bytes()[: e.start].count(b"\n") + 1
         raise trace_error(path, line, "not UTF-8 text") from None
@@ -47,6 +49,7 @@ def _lengths_to_int(
         (np.isinf(values), "infinite"),
         (values < 0, "negative"),
         (values != np.floor(values), "non-integer"),
+        (values > MAX_TOKENS, "too large"),
     ):
         if np.any(bad):
             i = int(np.argmax(bad))

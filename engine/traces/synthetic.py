@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .trace import Trace, TraceError
+from .trace import MAX_TOKENS, Trace, TraceError
 
 # Lognormal spreads fitted to the Azure 2023 conversation trace (p50 -> p90):
 # prompt 1020 -> 2734 gives ln(2.68)/1.2816 = 0.77; output 129 -> 424 gives ln(3.29)/1.2816 = 0.93.
@@ -19,7 +19,7 @@ OUTPUT_SIGMA = 0.93
 
 
 def _lengths(rng: np.random.Generator, n: int, median: float, sigma: float) -> np.ndarray:
-    return np.maximum(np.rint(rng.lognormal(math.log(median), sigma, n)), 1).astype(np.int64)
+    return np.clip(np.rint(rng.lognormal(math.log(median), sigma, n)), 1, MAX_TOKENS).astype(np.int64)
 
 
 def _check_positive(**kw: float) -> None:

@@ -15,6 +15,10 @@ import numpy as np
 
 from ..request import Request
 
+# The largest token count a trace may hold: far past any context, and far from int64's
+# limit, where a cast of a bigger float would wrap around.
+MAX_TOKENS = 2**31 - 1
+
 
 class TraceError(ValueError):
     """A trace file or spec that cannot be used; the message names the file, line and fault."""
