@@ -302,6 +302,10 @@ def calibrate_main(argv: Sequence[str] | None = None) -> int:
     )
     if (pv.get("timing") or {}).get("host_noise"):
         print(HostNoise.from_dict(pv["timing"]["host_noise"]).describe())
+    empty = [kind for kind in ("prefill", "decode") if not prof[kind]]
+    if empty:  # kept for its provenance, but no simulator can run on it
+        print(f"autoopt calibrate: no {' and no '.join(empty)} rows measured: the profile is unusable", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -119,9 +119,11 @@ def load_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     prefill and decode rows. CheckError names the bad line or row."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise CheckError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise CheckError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
     out = _profile_rows(path, text) if path.suffix.lower() == ".json" else None
     if out is None:
         out = []

@@ -303,14 +303,19 @@ def normalise_row(row: Mapping[str, Any], kind: str) -> dict[str, Any]:
         }
     except KeyError as exc:
         raise ValueError(f"{kind} row lacks field {exc.args[0]!r}") from exc
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise ValueError(f"{kind} row has a bad value: {exc}") from exc
-    if out["B"] < 1 or out[second] < 1:
-        raise ValueError(f"{kind} row needs B >= 1 and {second} >= 1, got B={out['B']} {second}={out[second]}")
+    if not (1 <= out["B"] < 1 << 31 and 1 <= out[second] < 1 << 31):
+        raise ValueError(
+            f"{kind} row needs B and {second} in [1, 2^31), got B={str(out['B'])[:12]} {second}={str(out[second])[:12]}"
+        )
     if not math.isfinite(out["ms"]) or out["ms"] <= 0:
         raise ValueError(f"{kind} row needs a positive finite ms, got {out['ms']}")
     if kind == "decode":
-        out["cuda_graphs"] = bool(row.get("cuda_graphs") or False)
+        graphs = row.get("cuda_graphs", False)
+        if not isinstance(graphs, bool | None):  # bool("false") is True
+            raise ValueError(f"decode row: cuda_graphs must be true, false or absent, got {graphs!r}")
+        out["cuda_graphs"] = bool(graphs)
         cap = row.get("capture_ms")
         out["capture_ms"] = None if cap is None else float(cap)
     return out

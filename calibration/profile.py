@@ -213,9 +213,11 @@ class Profile:
     def load(cls, path: str | Path) -> Profile:
         path = Path(path)
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise ProfileError(f"{path}: cannot read profile: {exc.strerror or exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise ProfileError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -239,9 +241,17 @@ class Profile:
 
     # -- fitted models (lazy, cached) --------------------------------------------------------
     def latency(self) -> LatencyModel:
+        """The fitted latency model. A profile without prefill or decode rows (a calibration
+        cut before it measured any) is refused: every time predicted from it would be invented."""
         if self._latency is None:
             from .latency_model import LatencyModel
 
+            empty = [kind for kind in ("prefill", "decode") if not getattr(self, kind)]
+            if empty:
+                raise ProfileError(
+                    f"profile {self.name!r} has no {' and no '.join(empty)} rows to predict latency from "
+                    "(a calibration cut before it measured any? see provenance.cut_reason)"
+                )
             self._latency = LatencyModel.fit(self.prefill, self.decode)
         return self._latency
 

@@ -98,6 +98,10 @@ class SimExecutor:
     ) -> None:
         if not (math.isfinite(time_scale) and time_scale > 0):
             raise ValueError(f"time_scale must be a positive number, got {time_scale!r}")
+        if max_slots < 1:  # as the live executor: a run on no KV slots would still "complete"
+            raise ValueError(f"max_slots must be >= 1, got {max_slots}")
+        if memory_cap_bytes is not None and not memory_cap_bytes > 0:
+            raise ValueError(f"memory_cap_bytes must be > 0 or None (no cap), got {memory_cap_bytes!r}")
         self.profile = cached_profile(profile) if isinstance(profile, str) else profile
         # every iteration (and the card probe's reference step) takes the profile's time x
         # this: a card that much slower (> 1) or faster (< 1) than the one calibrated, for

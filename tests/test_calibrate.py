@@ -13,6 +13,8 @@ from autoopt.calibration.alloc_pressure import alloc_stream
 from autoopt.calibration.calibrate import calibrate, calibrate_main
 from autoopt.calibration.grid import default_grid, prompt_length
 from autoopt.calibration.host_noise import HostNoise
+from autoopt.calibration.profile import ProfileError
+from autoopt.calibration.sim_executor import SimExecutor
 
 BACKENDS = {"flash", "efficient", "math", "cudnn"}
 PRECISIONS = {"bf16", "fp16", "fp32_tf32", "fp32"}
@@ -103,10 +105,13 @@ def test_small_grid_profile_is_schema_valid_with_errors_recorded(tmp_path: Path)
 
 def test_budget_cuts_the_grid_and_says_so(tmp_path: Path) -> None:
     out = tmp_path / "cut.json"
+    # written, for its provenance, but a profile with no rows is an error the simulator refuses
     assert (
         calibrate_main(["--model", "tiny", "--device", "cpu", "--out", str(out), "--budget-s", "0", "--no-progress"])
-        == 0
+        == 1
     )
+    with pytest.raises(ProfileError, match="no prefill and no decode rows"):
+        SimExecutor(str(out))
     prof = json.loads(out.read_text())
     check_schema(prof)
     pv = prof["provenance"]

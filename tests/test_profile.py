@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -267,3 +268,26 @@ def test_format_doc_describes_every_field_the_loader_requires():
     ]
     assert not missing, f"docs/profile-format.md does not describe: {', '.join(missing)}"
     assert f"`{P.PROFILE_VERSION}`" in doc and f'`"{P.PROFILE_FORMAT}"`' in doc
+
+
+@pytest.mark.parametrize(
+    "row, match",
+    [
+        ({"cuda_graphs": "false"}, "cuda_graphs must be true, false or absent"),  # bool("false") is True
+        ({"B": 10**400}, r"B and C in \[1, 2\^31\)"),
+        ({"B": math.inf}, "bad value"),
+    ],
+)
+def test_check_refuses_rows_it_would_otherwise_misread(shipped, tmp_path, row, match):
+    rows = tmp_path / "rows.jsonl"
+    base = {"B": 4, "C": 256, "backend": "flash", "precision": "bf16", "cuda_graphs": True, "ms": 1.0}
+    rows.write_text(json.dumps({**base, **row}) + "\n")
+    with pytest.raises(CheckError, match=match):
+        load_rows(rows)
+
+
+def test_check_names_a_file_that_is_not_utf8(tmp_path):
+    rows = tmp_path / "latin1.jsonl"
+    rows.write_bytes(b'{"B": 1, "L": 8, "backend": "flash", "precision": "bf16", "ms": 1.0, "note": "\xe9"}\n')
+    with pytest.raises(CheckError, match="latin1.jsonl: not UTF-8"):
+        load_rows(rows)
