@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -154,9 +155,43 @@ def validate_profile_dict(data: Any, where: str = "profile") -> None:
     _need_keys(switch, SWITCH_KEYS, f"{where}: switch")
     for key in SWITCH_KEYS:
         _need_num(switch, key, f"{where}: switch")
+    if model["max_context"] < 2:  # a request needs a prompt token and room for one more
+        raise ProfileError(f"{where}: model: 'max_context' must be >= 2, got {model['max_context']}")
     alloc = _need_dict(data["allocator"], f"{where}: allocator")
     for cfg, params in alloc.items():
         _need_dict(params, f"{where}: allocator[{cfg!r}]")
+    _check_parsed(where, lambda: _parse_allocator(alloc))
+    timing = prov.get("timing")
+    if timing is not None:
+        _need_dict(timing, f"{where}: provenance.timing")
+        _check_parsed(f"{where}: provenance.timing", lambda: _parse_timing(timing))
+
+
+def _check_parsed(where: str, parse: Callable[[], object]) -> None:
+    """Parse the parts the simulator reads as it will read them, so that a bad field is a
+    ProfileError naming the file now, not a bare error deep in a replay."""
+    try:
+        parse()
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise ProfileError(f"{where}: {exc}") from exc
+
+
+def _parse_allocator(alloc: dict[str, Any]) -> None:
+    from .alloc_model import AllocatorModel
+
+    AllocatorModel.from_params(alloc)
+
+
+def _parse_timing(timing: dict[str, Any]) -> None:
+    from .host_noise import HostNoise
+
+    float(timing.get("decode_after_prefill", 1.0))
+    for n, ms in timing.get("decode_after_prefill_ms_by_prompt") or []:
+        float(n), float(ms)
+    for qs in (timing.get("noise_quantiles") or {}).values():
+        [float(q) for q in qs or []]
+    if timing.get("host_noise"):
+        HostNoise.from_dict(timing["host_noise"])
 
 
 # ----------------------------------------------------------------------------------------

@@ -291,3 +291,23 @@ def test_check_names_a_file_that_is_not_utf8(tmp_path):
     rows.write_bytes(b'{"B": 1, "L": 8, "backend": "flash", "precision": "bf16", "ms": 1.0, "note": "\xe9"}\n')
     with pytest.raises(CheckError, match="latin1.jsonl: not UTF-8"):
         load_rows(rows)
+
+
+@pytest.mark.parametrize(
+    "name, corrupt, match",
+    [
+        (NAME, lambda d: d["allocator"].update(default={}), "missing field"),
+        (NAME, lambda d: d["allocator"]["default"].update(gain="x"), "'gain' must be a number"),
+        ("cpu-tiny", lambda d: d["provenance"].update(timing="fast"), "timing must be a JSON object"),
+        ("cpu-tiny", lambda d: d["provenance"]["timing"].update(decode_after_prefill_ms_by_prompt=[[512]]), "timing"),
+        ("cpu-tiny", lambda d: d["provenance"]["timing"]["noise_quantiles"].update(decode=["x"]), "timing"),
+        ("cpu-tiny", lambda d: d["model"].update(max_context=1), "max_context"),
+    ],
+)
+def test_fields_the_simulator_reads_are_checked_when_the_profile_loads(name, corrupt, match):
+    """They used to pass the check and fail mid-replay with errors naming no file."""
+    data = json.loads((PROFILES_DIR / f"{name}.json").read_text())
+    Profile.from_dict(copy.deepcopy(data), where="intact.json")  # the shipped profile itself passes
+    corrupt(data)
+    with pytest.raises(ProfileError, match=match):
+        Profile.from_dict(data, where="corrupt.json")
