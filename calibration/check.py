@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..engine.strict_json import dumps_strict
 from .latency_model import normalise_row, row_group
 from .profile import Profile, ProfileError, load_profile
 
@@ -244,5 +245,5 @@ def check_main(profile_spec: str, against_path: str | Path, as_json: bool = Fals
     except (ProfileError, CheckError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(result.to_dict(), indent=2) if as_json else format_check(result))
+    print(dumps_strict(result.to_dict(), indent=2) if as_json else format_check(result))
     return 0

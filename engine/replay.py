@@ -7,7 +7,6 @@ calibrated profile), under static knobs or an embedded runtime policy.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 from .argtypes import nonneg_float, positive_float, positive_int
 from .engine import Engine, EngineConfig
 from .knobs import Knobs
+from .strict_json import dumps_strict
 from .telemetry import SLO
 from .traces import load_trace
 
@@ -184,7 +184,7 @@ def replay_main(args: argparse.Namespace) -> int:
         print(format_summary(report))
     if args.report is not None:
         args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.write_text(json.dumps(report, indent=2, default=str))
+        args.report.write_text(dumps_strict(report, indent=2))
         if not args.quiet:
             print(f"report written to {args.report}", file=sys.stderr)
     return 0 if report["balanced"] and report["lost"] == 0 else 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -65,3 +66,17 @@ def test_a_number_or_name_no_run_can_use_is_refused_before_the_run(argv: list[st
         main(argv)
     assert exit_.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_a_report_with_figures_that_have_no_value_is_strict_json(tmp_path) -> None:
+    out = tmp_path / "report.json"
+    # a window past the trace's end: no request, so no attainment and no percentiles
+    assert (
+        main(["replay", "--backend", "sim", "--start", "1e6", "--duration", "5", "--quiet", "--report", str(out)]) == 0
+    )
+
+    def refuse(name: str) -> None:
+        raise AssertionError(f"{name} in a report")
+
+    report = json.loads(out.read_text(), parse_constant=refuse)
+    assert report["arrived"] == 0 and report["slo_attainment"] is None and report["ttft_p50_ms"] is None

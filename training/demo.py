@@ -9,9 +9,9 @@ trained on, with the plots. Everything lands in runs/demo/.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from ..engine.strict_json import dumps_strict
 from ..engine.telemetry import SLO
 from ..envs.scenario import Scenario
 from .evaluate import BASELINES, evaluate, format_table, training_scenarios
@@ -56,7 +56,7 @@ def demo_main(argv: list[str]) -> int:
         cache_dir=a.logdir / "cache",
     )
     print(format_table(report))
-    (run_dir / "evaluation.json").write_text(json.dumps(report, indent=1, default=str))
+    (run_dir / "evaluation.json").write_text(dumps_strict(report, indent=1))
     from .plots import plot_report
 
     plots = plot_report(report, run_dir / "plots")

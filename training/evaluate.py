@@ -9,7 +9,6 @@ at best-static), `oracle` (hindsight best static per window).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ from ..agents.learned import LearnedPolicy
 from ..agents.oracle import build_oracle
 from ..engine.argtypes import nonneg_float, positive_float
 from ..engine.knob_space import KNOB_TABLES, knob_position
+from ..engine.strict_json import dumps_strict
 from ..engine.telemetry import SLO, IterationStats
 from ..engine.traces import load_trace
 from ..envs.scenario import Scenario, run_scenario
@@ -305,7 +305,7 @@ def evaluate_main(argv: list[str]) -> int:
     print(format_table(report))
     if a.report:
         a.report.parent.mkdir(parents=True, exist_ok=True)
-        a.report.write_text(json.dumps(report, indent=1, default=str))
+        a.report.write_text(dumps_strict(report, indent=1))
         print(f"report written to {a.report}", file=sys.stderr)
     if a.plots:
         from .plots import plot_report
