@@ -70,6 +70,19 @@ _REQUIRED: dict[str, type | tuple[type, ...]] = {
 }
 
 
+def _check_cadence(env_kwargs: Any, where: str) -> None:
+    """The guard asks the policy at the cadence it was trained at (env_kwargs'
+    iterations_per_step or step_s): a malformed one must not quietly become every iteration."""
+    if not isinstance(env_kwargs, dict):
+        raise PolicyFileError(f"{where}: env_kwargs must be an object, got {type(env_kwargs).__name__}")
+    n = env_kwargs.get("iterations_per_step", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise PolicyFileError(f"{where}: env_kwargs.iterations_per_step must be an integer >= 1, got {n!r}")
+    t = env_kwargs.get("step_s")
+    if t is not None and (isinstance(t, bool) or not isinstance(t, int | float) or not (math.isfinite(t) and t > 0)):
+        raise PolicyFileError(f"{where}: env_kwargs.step_s must be a positive number of seconds or null, got {t!r}")
+
+
 def check_manifest(m: dict[str, Any], where: str) -> None:
     """Refuse a manifest of another format or version, or with missing or malformed fields."""
     if m.get("format") != FORMAT_NAME:
@@ -109,6 +122,7 @@ def check_manifest(m: dict[str, Any], where: str) -> None:
             raise PolicyFileError(f"{where}: manifest {what} must be {{'w': name, 'b': name}} of arrays in the npz")
     if len(m["weights_sha256"]) != 64:
         raise PolicyFileError(f"{where}: weights_sha256 must be a 64-digit hex sha256")
+    _check_cadence(m.get("env_kwargs", {}), where)
     norm = m.get("obs_norm")
     if norm is not None:
         if not isinstance(norm, dict) or not {"mean", "var", "clip_obs", "epsilon"} <= norm.keys():

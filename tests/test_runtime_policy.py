@@ -580,3 +580,19 @@ def test_guard_refuses_a_policy_whose_action_layout_differs_from_the_engines(tmp
     other_features = make_policy(tmp_path / "feat", features=list(FEATURE_NAMES)[:-1], tables=action_tables())
     with pytest.raises(PolicyFileError, match="observation layout differs"):
         GuardedPolicy(RuntimePolicy.load(other_features), "cuda")
+
+
+@pytest.mark.parametrize(
+    "env_kwargs, match",
+    [
+        ("fast", "env_kwargs must be an object"),
+        ({"iterations_per_step": 0}, "iterations_per_step must be an integer >= 1"),
+        ({"step_s": -1.0}, "step_s must be a positive number"),
+    ],
+)
+def test_a_malformed_decision_cadence_is_refused_not_read_as_every_iteration(
+    policy_dir: Path, env_kwargs, match
+) -> None:
+    edit_manifest(policy_dir, env_kwargs=env_kwargs)
+    with pytest.raises(PolicyFileError, match=match):
+        RuntimePolicy.load(policy_dir)
