@@ -103,8 +103,15 @@ def _profile_rows(path: Path, text: str) -> list[tuple[str, dict[str, Any]]] | N
     a profile made on one card checks another profile with no conversion step."""
     try:
         doc = json.loads(text)
-    except json.JSONDecodeError:
-        return None
+    except json.JSONDecodeError as exc:
+        first = next((line for line in text.splitlines() if line.strip()), "")
+        try:
+            json.loads(first)
+        except json.JSONDecodeError:  # not JSON lines either: a broken JSON document
+            raise CheckError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from exc
+        return None  # JSON lines in a .json file
+    if isinstance(doc, list):  # a JSON array of measured rows
+        return [(f"{path}[{i}]", _checked(f"{path}[{i}]", row)) for i, row in enumerate(doc)]
     if not isinstance(doc, dict) or not any(isinstance(doc.get(k), list) for k in ("prefill", "decode")):
         return None
     return [
@@ -116,11 +123,11 @@ def _profile_rows(path: Path, text: str) -> list[tuple[str, dict[str, Any]]] | N
 
 
 def load_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
-    """Read measured rows: a .jsonl of them ([(\"file:line\", row)]), or a profile JSON's
-    prefill and decode rows. CheckError names the bad line or row."""
+    """Read measured rows: a .jsonl of them ([(\"file:line\", row)]), a .json array of them, or
+    a profile JSON's prefill and decode rows. CheckError names the bad line or row."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark, as Windows editors write
     except OSError as exc:
         raise CheckError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     except UnicodeDecodeError as exc:

@@ -248,7 +248,7 @@ class Profile:
     def load(cls, path: str | Path) -> Profile:
         path = Path(path)
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark, as Windows editors write
         except OSError as exc:
             raise ProfileError(f"{path}: cannot read profile: {exc.strerror or exc}") from exc
         except UnicodeDecodeError as exc:

@@ -90,8 +90,8 @@ class Knobs:
     @classmethod
     def from_json_file(cls, path: str | Path) -> Knobs:
         try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            data = json.loads(Path(path).read_text(encoding="utf-8-sig"))  # -sig: a BOM, as editors on Windows write
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise KnobError(f"{path}: cannot read knobs: {exc}") from exc
         try:
             return cls.from_dict(data)

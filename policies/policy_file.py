@@ -46,7 +46,7 @@ def resolve_policy_paths(path: str | Path) -> tuple[Path, Path]:
 
 def read_manifest(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark, as Windows editors write
     except UnicodeDecodeError as e:
         raise PolicyFileError(f"{path}: manifest is not UTF-8 text (byte {e.start})") from None
     try:

@@ -117,3 +117,9 @@ def test_knob_position_interpolates_the_limits_on_a_log_scale():
     assert knob_position("max_num_seqs", 90) == pytest.approx(4 + np.log2(90 / 64))
     assert knob_position("max_num_seqs", 1) == 0.0 and knob_position("max_num_seqs", 999) == 6.0
     assert knob_position("precision", "fp32") == 3.0
+
+
+def test_a_knobs_file_saved_with_a_byte_order_mark_loads(tmp_path):
+    path = tmp_path / "knobs.json"
+    path.write_bytes(b'\xef\xbb\xbf{"max_num_seqs": 8}')  # as Windows editors save
+    assert Knobs.from_json_file(path).max_num_seqs == 8

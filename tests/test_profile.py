@@ -311,3 +311,17 @@ def test_fields_the_simulator_reads_are_checked_when_the_profile_loads(name, cor
     corrupt(data)
     with pytest.raises(ProfileError, match=match):
         Profile.from_dict(data, where="corrupt.json")
+
+
+def test_check_reads_a_json_array_of_rows_and_names_a_broken_json_file(tmp_path):
+    rows = [{"B": 2, "L": 128, "backend": "flash", "precision": "bf16", "ms": 1.5}]
+    array = tmp_path / "rows.json"
+    array.write_text(json.dumps(rows, indent=1))
+    assert [row for _, row in load_rows(array)] == rows
+    broken = tmp_path / "profile.json"
+    broken.write_text((PROFILES_DIR / "cpu-tiny.json").read_text()[:3000])  # cut mid-way
+    with pytest.raises(CheckError, match=r"profile.json: not valid JSON \(line \d+"):
+        load_rows(broken)
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(rows[0]).encode() + b"\n")  # as Windows editors save
+    assert [row for _, row in load_rows(bom)] == rows
