@@ -508,3 +508,16 @@ def test_a_directory_given_as_a_trace_is_a_trace_error(tmp_path):
 def test_a_synthetic_median_past_any_token_count_is_held_to_the_largest():
     trace = load_trace("poisson:rate=5,duration=10,prompt_median=1e30")
     assert len(trace) > 0 and int(trace.prompt_len.min()) >= 1 and int(trace.prompt_len.max()) <= MAX_TOKENS
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("poisson:rate=1e12,duration=1000", "requests, over the"),  # would allocate petabytes
+        ("poisson:rate=5,duration=10,seed=-1", "seed must be an integer >= 0"),
+        ("poisson:rate=5,duration=10,seed=1.5", "non-integer value '1.5' for 'seed'"),
+    ],
+)
+def test_synthetic_specs_no_host_can_build_are_trace_errors(spec, match):
+    with pytest.raises(TraceError, match=match):
+        load_trace(spec)

@@ -100,7 +100,8 @@ def _parse_synthetic(spec: str, seed: int) -> Trace:
             num = float(value)
             kwargs[allowed[key]] = int(value) if key == "seed" else num
         except ValueError:
-            raise TraceError(f"non-numeric value {value!r} for {key!r} in trace spec {spec!r}") from None
+            fault = "a non-integer" if key == "seed" else "non-numeric"
+            raise TraceError(f"{fault} value {value!r} for {key!r} in trace spec {spec!r}") from None
     missing = [k for k in required if k not in seen]
     if missing:
         raise TraceError(f"trace spec {spec!r} is missing {', '.join(missing)}; {_accepted()}")

@@ -18,6 +18,9 @@ PROMPT_SIGMA = 0.77
 OUTPUT_SIGMA = 0.93
 
 
+MAX_REQUESTS = 10**8  # ~2.4 GB of arrays; real traces hold far fewer
+
+
 def _lengths(rng: np.random.Generator, n: int, median: float, sigma: float) -> np.ndarray:
     return np.clip(np.rint(rng.lognormal(math.log(median), sigma, n)), 1, MAX_TOKENS).astype(np.int64)
 
@@ -48,6 +51,12 @@ def _synth(
     """Non-homogeneous Poisson process by thinning (Lewis & Shedler), then lognormal lengths."""
     _check_positive(duration_s=duration_s, prompt_median=prompt_median, output_median=output_median)
     _check_rate(prompt_sigma=prompt_sigma, output_sigma=output_sigma)
+    if not isinstance(seed, int | np.integer) or seed < 0:
+        raise TraceError(f"seed must be an integer >= 0, got {seed!r}")
+    if rate_max * duration_s > MAX_REQUESTS:  # its arrays alone would exhaust the host's memory
+        raise TraceError(
+            f"rate x duration asks for ~{rate_max * duration_s:.3g} requests, over the {MAX_REQUESTS:.0e} a trace may hold"
+        )
     rng = np.random.default_rng(seed)
     n = int(rng.poisson(rate_max * duration_s)) if rate_max > 0 else 0
     t = np.sort(rng.uniform(0.0, duration_s, n))
