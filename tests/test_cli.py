@@ -59,6 +59,7 @@ def test_bad_input_is_one_line_naming_the_file_and_exit_code_2(tmp_path, capsys)
         ["evaluate", "--load-scale", "0"],
         ["evaluate", "--policy", "none", "--scenario", "azure-conv", "4", "inf"],
         ["evaluate", "--policy", "none", "--baselines", "default,bogus"],
+        ["train", "--n-envs", "0"],
     ],
 )
 def test_a_number_or_name_no_run_can_use_is_refused_before_the_run(argv: list[str], capsys) -> None:

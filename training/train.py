@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from ..engine.argtypes import positive_int
 from ..envs import ENV_ID
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "ppo.yaml"
@@ -351,13 +352,13 @@ def _export(run_dir: Path, cfg: dict[str, Any], seed: int, steps: int) -> Path:
 def train_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="autoopt train", description="Train PPO on the simulated environment.")
     p.add_argument("--config", type=Path, default=None, help=f"zoo-layout YAML (default: {DEFAULT_CONFIG.name})")
-    p.add_argument("--timesteps", type=int, default=None)
-    p.add_argument("--n-envs", type=int, default=None)
+    p.add_argument("--timesteps", type=positive_int, default=None)
+    p.add_argument("--n-envs", type=positive_int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--logdir", type=Path, default=Path("runs"))
     p.add_argument("--out", default="ppo", help="run name: the run goes to LOGDIR/OUT")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of LOGDIR/OUT")
-    p.add_argument("--eval-freq", type=int, default=None, help="steps between held-out evaluations")
+    p.add_argument("--eval-freq", type=positive_int, default=None, help="steps between held-out evaluations")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--ship", action="store_true", help="also copy the exported policy into policies/shipped/")
     a = p.parse_args(argv)
