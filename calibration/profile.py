@@ -161,6 +161,10 @@ def validate_profile_dict(data: Any, where: str = "profile") -> None:
     for cfg, params in alloc.items():
         _need_dict(params, f"{where}: allocator[{cfg!r}]")
     _check_parsed(where, lambda: _parse_allocator(alloc))
+    if prov.get("decode_context", "mean") not in ("longest", "mean"):  # how a mixed batch's decode is charged
+        raise ProfileError(
+            f"{where}: provenance.decode_context must be 'longest' or 'mean', got {prov['decode_context']!r}"
+        )
     timing = prov.get("timing")
     if timing is not None:
         _need_dict(timing, f"{where}: provenance.timing")

@@ -302,6 +302,7 @@ def test_check_names_a_file_that_is_not_utf8(tmp_path):
         ("cpu-tiny", lambda d: d["provenance"]["timing"].update(decode_after_prefill_ms_by_prompt=[[512]]), "timing"),
         ("cpu-tiny", lambda d: d["provenance"]["timing"]["noise_quantiles"].update(decode=["x"]), "timing"),
         ("cpu-tiny", lambda d: d["model"].update(max_context=1), "max_context"),
+        ("cpu-tiny", lambda d: d["provenance"].update(decode_context="weird"), "decode_context"),
     ],
 )
 def test_fields_the_simulator_reads_are_checked_when_the_profile_loads(name, corrupt, match):
