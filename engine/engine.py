@@ -132,7 +132,11 @@ class Engine:
             return self.last_switch
         first = old is None
         report = self.executor.apply_knobs(self._applied, knobs)
-        self._applied = _without_reclaim(knobs) if knobs.reclaim else knobs
+        requested = _without_reclaim(knobs) if knobs.reclaim else knobs
+        # what runs: the executor's own record where it keeps one, which differs from the
+        # request when it refused a switch (a precision cast out of memory on a real card)
+        actual = getattr(self.executor, "knobs", requested)
+        self._applied = actual if isinstance(actual, Knobs) else requested
         self.knobs = self._applied
         self.last_switch = report
         self.not_applicable = dict(report.not_applicable)

@@ -151,8 +151,22 @@ class KVCache:
         self.v[:, dst, :, :n] = self.v[:, src, :, :n]
 
     @torch.no_grad()
-    def swap(self, a: int, b: int, length: int | None = None) -> None:
+    def swap(self, a: int, b: int, length: int | None = None, scratch: int | None = None) -> None:
+        """Exchange the sequences in slots `a` and `b` (their first `length` positions).
+
+        With `scratch`, a slot no sequence holds, the exchange goes through it: three
+        copies between views, nothing allocated, so a real allocator cannot run out half
+        way and leave K exchanged but V not. Without, each half goes through a temporary
+        copy (which allocates).
+        """
         if a == b:
+            return
+        if scratch is not None:
+            if scratch in (a, b):
+                raise ValueError(f"scratch slot {scratch} must differ from the swapped slots {a} and {b}")
+            self.move(a, scratch, length)
+            self.move(b, a, length)
+            self.move(scratch, b, length)
             return
         n = self.max_context if length is None else max(0, min(length, self.max_context))
         for t in (self.k, self.v):
@@ -161,12 +175,26 @@ class KVCache:
             t[:, b, :, :n] = tmp
 
     @torch.no_grad()
+    def cast(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """New K and V holding the contents cast to `dtype`; the cache itself is untouched."""
+        return self.k.to(dtype), self.v.to(dtype)
+
+    def assign(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Put K and V built by `cast` in place of the old ones."""
+        if k.shape != self.k.shape or v.shape != self.v.shape or k.dtype != v.dtype:
+            raise ValueError(f"K {tuple(k.shape)}/{k.dtype} and V {tuple(v.shape)}/{v.dtype} do not fit this cache")
+        self.k, self.v = k, v
+
+    @torch.no_grad()
     def to_dtype(self, dtype: torch.dtype) -> None:
-        """Cast the contents in place of the old tensors (running sequences keep their KV)."""
+        """Cast the contents in place of the old tensors (running sequences keep their KV).
+
+        Both new tensors are built before either is assigned: out of memory on V, the cache
+        is left whole in the old dtype (not K new and V old).
+        """
         if dtype == self.k.dtype:
             return
-        self.k = self.k.to(dtype)
-        self.v = self.v.to(dtype)
+        self.assign(*self.cast(dtype))
 
 
 class Block(nn.Module):

@@ -7,9 +7,16 @@ copy, CUDA graphs captured lazily per batch-size bucket, the CUDA allocator reco
 at run time. Knobs that cannot act on the device are reported, never faked.
 
 Out of memory never raises: the batch's prefill requests lose their slots, the cache is
-emptied, and `StepResult(oom=True)` goes back to the scheduler. On the CPU there is no
-allocator to run out of, so `memory_cap_bytes` simulates one from an estimate of the bytes
-needed (weights + KV in use + activations), and `inject_oom_next` forces OOMs in tests.
+emptied, and `StepResult(oom=True)` goes back to the scheduler; a precision switch out of
+memory is refused and reported, a graph capture out of memory falls back to eager decode.
+
+`memory_cap_bytes` means the same on every device, and the same as in the simulator:
+weights + KV in use + activations (+ on CUDA the allocator's cached blocks) <= the cap.
+On CUDA the caching allocator enforces it through the per-process memory fraction, set
+before each step so that the unused part of the preallocated KV cache does not count
+(`cap_memory_fraction`). On the CPU there is no allocator to run out of, so the cap is
+simulated from an estimate of the bytes needed. `inject_oom_next` forces OOMs (in a step,
+a precision switch or a graph capture) in tests and drills.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import torch
 from .card import reference_shape
 from .device import DTYPES, OOM_ERRORS, apply_allocator, pin_cpu_malloc, resolve_device
 from .executor import Batch, Capacity, MemoryReading, StepResult, SwitchReport, kv_token_budget
-from .knobs import ALLOCATOR_MODES, Knobs, not_applicable
+from .knobs import ALLOCATOR_MODES, KnobError, Knobs, not_applicable
 from .model import SDPA_BACKENDS, DecoderLM, model_config, resolve_kernel, round_ctx, transient_bytes
 from .request import Request
 
@@ -40,8 +47,36 @@ class _Graph:
     out: torch.Tensor  # [b] static output ids
 
 
+_INJECT_AT = ("execute", "precision", "capture")
+# Whether an executor of this process has set the CUDA allocator's memory fraction (a cap)
+_FRACTION_SET = False
+
+
 def _oom(msg: str) -> BaseException:
     return OOM_ERRORS[0](msg)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc)
+    return text.splitlines()[0][:160] if text.strip() else type(exc).__name__
+
+
+def cap_memory_fraction(
+    cap_bytes: int, total_bytes: int, cache_bytes: int, kv_tokens: int, kv_bytes_per_token: int
+) -> float:
+    """The CUDA allocator's per-process memory fraction that holds weights + KV in use +
+    activations + cached blocks to `cap_bytes`, with `kv_tokens` KV positions in use.
+
+    Why not cap/total: the allocator's limit counts every byte it has reserved, and the KV
+    cache is preallocated whole (all slots x max_context), so cap/total counts the unused
+    part of the cache against the cap. A cap below weights + full cache then leaves no room
+    for a step at all, and any other cap leaves less than the scheduler was told
+    (`kv_token_budget` counts only the KV in use, as the CPU's simulated cap and the
+    simulator do). Adding the unused part of the preallocated cache to the cap gives the
+    allocator the cap those count. At most 1 (the whole device).
+    """
+    unused = max(0, cache_bytes - kv_tokens * kv_bytes_per_token)
+    return float(min(1.0, (cap_bytes + unused) / total_bytes))
 
 
 class TorchExecutor:
@@ -73,6 +108,15 @@ class TorchExecutor:
             raise ValueError(f"full_stats_every must be >= 1, got {full_stats_every}")
         self.capacity = Capacity(max_slots=max_slots, max_context=ctx)
         self.memory_cap_bytes = int(memory_cap_bytes) if memory_cap_bytes else None
+        self._total_mem = 0
+        if self._cuda:
+            if _FRACTION_SET:
+                # The fraction is process-wide: lift what an earlier, capped executor left, so
+                # that building this one (and serving, without a cap) is not held to its cap.
+                # Only then: a fraction once set also arms the allocator's
+                # garbage_collection_threshold, which an uncapped allocator config must not get.
+                torch.cuda.set_per_process_memory_fraction(1.0, self.device)
+            self._total_mem = torch.cuda.mem_get_info(self.device)[1]
         self.full_stats_every = full_stats_every
         self._knobs = knobs or Knobs()
         self._precision = self._knobs.precision
@@ -96,7 +140,16 @@ class TorchExecutor:
         self.scratch_slot = max_slots  # padding rows of a captured graph write here
         with torch.no_grad():
             self._load_weights(self._working_dtype(self._precision))
-            self.cache = self.model.new_cache(max_slots + 1, ctx)
+            try:
+                self.cache = self.model.new_cache(max_slots + 1, ctx)
+            except RuntimeError as exc:  # torch.OutOfMemoryError, or the CPU allocator's refusal
+                c = self.cfg
+                need = 2 * c.layers * (max_slots + 1) * ctx * c.d_model
+                need = need * torch.tensor([], dtype=self._working_dtype(self._precision)).element_size()
+                raise ValueError(
+                    f"the KV cache of {max_slots} slots x {ctx} positions needs {need / 2**30:.1f} GiB, more than "
+                    f"{self.device} could give ({_first_line(exc)}); lower max_slots"
+                ) from exc
             self._next_tok = torch.zeros(max_slots + 1, dtype=torch.long, device=self.device)
             self._arange = torch.arange(max_slots + 1, device=self.device)
         self._tok_gen = torch.Generator(device=self.device).manual_seed(seed)
@@ -107,6 +160,10 @@ class TorchExecutor:
         self._slot_of: dict[int, int] = {}
 
         self._graphs: dict[int, _Graph] = {}
+        self._side: Any = None  # torch.cuda.Stream for warm-ups and captures, made at first use
+        # bucket -> why its capture failed: it decodes eagerly until graphs are dropped
+        self._capture_failures: dict[int, str] = {}
+        self._graph_notes: dict[str, str] = {}
         self.capture_ms: dict[int, float] = {}
         self.graph_bytes: dict[int, int] = {}
         self._pending: dict[str, float] = {}
@@ -117,7 +174,7 @@ class TorchExecutor:
         self._set_tf32(self._precision)
         self._resolve_kernels()
 
-        self._inject = 0
+        self._inject = dict.fromkeys(_INJECT_AT, 0)
         self._ooms = 0
         self._last_transient = 0
         self._mem_calls = 0
@@ -126,9 +183,7 @@ class TorchExecutor:
         )
         self._outside = 0
         if self._cuda:
-            if self.memory_cap_bytes:
-                total = torch.cuda.mem_get_info(self.device)[1]
-                torch.cuda.set_per_process_memory_fraction(min(1.0, self.memory_cap_bytes / total), self.device)
+            self._apply_cap(0)  # built uncapped (a one-off); serving is held to the cap from here
             if self._knobs.allocator != "default":
                 self.set_allocator(self._knobs.allocator)
             torch.cuda.synchronize(self.device)
@@ -183,25 +238,67 @@ class TorchExecutor:
         out, self._pending = self._pending, {}
         return out
 
-    def inject_oom_next(self, n: int = 1) -> None:
-        """Make the next `n` executions fail as out of memory (for tests and drills)."""
+    @property
+    def capture_failures(self) -> dict[int, str]:
+        """Batch bucket -> why its CUDA graph capture failed (it decodes eagerly until graphs
+        are dropped or memory is reclaimed); a copy."""
+        return dict(self._capture_failures)
+
+    def inject_oom_next(self, n: int = 1, where: str = "execute") -> None:
+        """Make the next `n` of `where` fail as out of memory (for tests and drills).
+
+        "execute": the step (the batch's prefills lose their slots, `StepResult.oom`).
+        "precision": a precision switch, once the new weights are built and before the KV
+        cache is cast (the switch is refused, the old precision kept whole). "capture": a
+        CUDA graph capture, after the step was recorded (the bucket decodes eagerly).
+        """
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
-        self._inject += n
+        if where not in _INJECT_AT:
+            raise ValueError(f"where must be one of {list(_INJECT_AT)}, got {where!r}")
+        self._inject[where] += n
+
+    def _injected(self, where: str) -> bool:
+        if self._inject[where] > 0:
+            self._inject[where] -= 1
+            return True
+        return False
 
     # -- knobs ------------------------------------------------------------------------
     def apply_knobs(self, old: Knobs | None, new: Knobs) -> SwitchReport:
-        """Switch from the knobs in force (the executor's own record; `old` is advisory)."""
+        """Switch from the knobs in force (the executor's own record; `old` is advisory).
+
+        A precision switch that runs out of memory is refused, not raised: the old precision
+        stays whole (and the old attention kernel too when the new one runs only in half
+        precision), `not_applicable` says so, `changed` leaves them out, `cost_ms` keeps the
+        time the attempt took, and the knobs in force record what really runs.
+        """
         cur = self._knobs
         report = SwitchReport()
         report.changed = [f for f in _KNOB_FIELDS if f != "reclaim" and getattr(cur, f) != getattr(new, f)]
         if new.reclaim:
             report.changed.append("reclaim")
         cost = report.cost_ms
+        refused: dict[str, str] = {}
+        target = new
         if "precision" in report.changed:
-            cost["precision"] = self.set_precision(new.precision)
+            t0 = self._now()
+            try:
+                cost["precision"] = self.set_precision(new.precision)
+            except OOM_ERRORS:
+                cost["precision"] = self._since(t0)
+                refused["precision"] = f"out of memory casting to {new.precision}, kept {cur.precision}"
+                try:
+                    target = new.replace(precision=cur.precision)
+                except KnobError:  # the new kernel runs only in half precision
+                    target = new.replace(precision=cur.precision, attention=cur.attention)
+                    refused["attention"] = (
+                        f"kept {cur.attention!r}: {new.attention!r} runs only in half precision "
+                        f"and the switch to {new.precision} was refused"
+                    )
+                report.changed = [f for f in report.changed if f not in refused]
         if "attention" in report.changed:
-            cost["attention"] = self.set_attention(new.attention)
+            cost["attention"] = self.set_attention(target.attention)
         if "cuda_graphs" in report.changed:
             ms = self.set_cuda_graphs(new.cuda_graphs)
             if ms is not None:
@@ -215,11 +312,12 @@ class TorchExecutor:
             if ms is not None:
                 cost["reclaim"] = ms
         na = not_applicable(new, self.device_type)
-        for key, why in {**self._kernel_notes, **self._alloc_notes}.items():
+        for key, why in {**self._kernel_notes, **self._alloc_notes, **self._graph_notes}.items():
             na.setdefault(key, why)
+        na.update(refused)
         report.not_applicable = na
         report.ms = float(sum(cost.values()))
-        self._knobs = new.replace(reclaim=False) if new.reclaim else new
+        self._knobs = target.replace(reclaim=False) if target.reclaim else target
         return report
 
     def _working_dtype(self, precision: str) -> torch.dtype:
@@ -227,13 +325,32 @@ class TorchExecutor:
 
     @torch.no_grad()
     def _load_weights(self, dtype: torch.dtype) -> None:
-        params = dict(self.model.named_parameters())
+        self._assign_weights(self._cast_weights(dtype))
+
+    @torch.no_grad()
+    def _cast_weights(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Every parameter in `dtype`, from the fp32 master; the model is untouched."""
         src = self._master.to(self.device, non_blocking=True)  # the CPU: the master itself
-        for name, off, n, shape in self._master_index:
-            # fp32: a view of `src` (which then stays alive as the weights); else a cast copy
-            params[name].data = src[off : off + n].view(shape).to(dtype)
-        del src
+        # fp32: views of `src` (which then stays alive as the weights); else cast copies
+        # (and `src` is freed whole on return)
+        return {name: src[off : off + n].view(shape).to(dtype) for name, off, n, shape in self._master_index}
+
+    def _assign_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        params = dict(self.model.named_parameters())
+        for name, t in weights.items():
+            params[name].data = t
         self._weight_bytes = self.model.weight_bytes()
+
+    def _cast_state(
+        self, dtype: torch.dtype
+    ) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
+        """The weights and the KV cache's (K, V) in `dtype` (None: the KV keeps its dtype),
+        all built, none assigned."""
+        weights = self._cast_weights(dtype)
+        if self._injected("precision"):
+            raise _oom("out of memory (injected by inject_oom_next, where='precision')")
+        kv = self.cache.cast(dtype) if dtype != self.cache.dtype else None
+        return weights, kv
 
     def _set_tf32(self, precision: str) -> None:
         if self._cuda:  # TF32 is a CUDA matmul mode; the CPU runs plain fp32
@@ -242,20 +359,38 @@ class TorchExecutor:
     def set_precision(self, precision: str) -> float:
         """Cast the working weights (from the fp32 master) and the KV cache; returns ms.
 
-        Running sequences keep their KV: the cache's contents are cast, not dropped.
+        Running sequences keep their KV: the cache's contents are cast, not dropped. All
+        or nothing: every new parameter and both new KV tensors are built before any is
+        assigned. Out of memory, they are dropped, the allocator's cache is emptied, the
+        old precision stays whole and torch.OutOfMemoryError is raised (`apply_knobs`
+        reports the switch as refused). On CUDA the memory fraction is lifted to 1 for the
+        switch: its transient copies (the fp32 master on the device, old and new tensors
+        side by side) are a one-off, not serving memory; the next step sets the cap again.
         """
         if precision not in DTYPES:
             raise ValueError(f"precision must be one of {list(DTYPES)}, got {precision!r}")
         t0 = self._now()
         dtype = self._working_dtype(precision)
+        self._drop_graphs()  # they hold the old weights and KV; their pools go back first
+        if self._cuda and _FRACTION_SET:  # a cap is in force (see __init__ for why only then)
+            torch.cuda.set_per_process_memory_fraction(1.0, self.device)
+        failed = ""
         with torch.inference_mode(False), torch.no_grad():
-            self._load_weights(dtype)
-            self.cache.to_dtype(dtype)
-        if self._cuda:  # give back the old weights' and KV's segments (each freed whole)
+            try:
+                weights, kv = self._cast_state(dtype)
+            except OOM_ERRORS as exc:
+                failed = _first_line(exc)
+            if not failed:
+                self._assign_weights(weights)
+                if kv is not None:
+                    self.cache.assign(*kv)
+                del weights, kv
+        if self._cuda:  # give back the old (or, refused, the half-built) tensors' segments
             torch.cuda.empty_cache()
+        if failed:  # the exception and the frames holding the new tensors are gone by now
+            raise _oom(f"out of memory casting to {precision}, kept {self._precision}: {failed}")
         self._set_tf32(precision)
         self._precision = precision
-        self._drop_graphs()
         self._resolve_kernels()
         self._update_capacity()
         return self._since(t0)
@@ -294,10 +429,12 @@ class TorchExecutor:
         return ms
 
     def reclaim(self) -> float | None:
-        """Empty the CUDA allocator's cache; None on the CPU."""
+        """Empty the CUDA allocator's cache; None on the CPU. Buckets whose graph capture
+        failed get another try."""
         if not self._cuda:
             return None
         t0 = self._now()
+        self._forget_capture_failures()
         torch.cuda.empty_cache()
         return self._since(t0)
 
@@ -320,20 +457,31 @@ class TorchExecutor:
         self._kernel_notes = notes
 
     def _drop_graphs(self) -> None:
+        """Drop the captured graphs (and the record of failed captures). On CUDA their
+        private pools are then given back: a dropped graph's pool stays reserved until the
+        cache is emptied, and would count as used memory (and against a cap) meanwhile."""
+        self._forget_capture_failures()
         if self._graphs:
-            self._graphs.clear()
             if self._cuda:
                 torch.cuda.synchronize(self.device)
+            self._graphs.clear()
+            if self._cuda:
+                torch.cuda.empty_cache()
+
+    def _forget_capture_failures(self) -> None:
+        self._capture_failures.clear()
+        self._graph_notes.clear()
 
     # -- execution --------------------------------------------------------------------
     def execute(self, batch: Batch) -> StepResult:
         if batch.empty:
             return StepResult(ms=0.0)
         self._check_batch(batch)
+        if self._cuda and self.memory_cap_bytes:
+            self._apply_cap(self._kv_tokens_after(batch))
         t0 = self._now()
         try:
-            if self._inject > 0:
-                self._inject -= 1
+            if self._injected("execute"):
                 raise _oom("out of memory (injected by inject_oom_next)")
             self._check_cap(batch)
             with torch.inference_mode():
@@ -375,12 +523,32 @@ class TorchExecutor:
                 "(the scheduler must respect capacity.max_slots)"
             )
 
+    def _kv_tokens_after(self, batch: Batch) -> int:
+        """KV positions in use once `batch` has run: the running sequences' (a prefill's
+        old slot counted afresh), the prefills' contexts and one per decode row."""
+        pre = {r.rid for r in batch.prefill}
+        held = sum(n for rid, n in zip(self._rids, self._lens, strict=True) if rid not in pre)
+        return held + sum(r.context_len for r in batch.prefill) + len(batch.decode)
+
+    def _unused_kv_bytes(self, kv_tokens: int) -> int:
+        """Bytes of the preallocated KV cache that `kv_tokens` positions in use leave unused."""
+        return max(0, self.cache.nbytes - kv_tokens * self.cache.bytes_per_token())
+
+    def _apply_cap(self, kv_tokens: int) -> None:
+        """CUDA under a cap: the allocator's fraction for `kv_tokens` KV positions in use
+        (`cap_memory_fraction`); a no-op otherwise."""
+        if self._cuda and self.memory_cap_bytes:
+            global _FRACTION_SET
+            frac = cap_memory_fraction(
+                self.memory_cap_bytes, self._total_mem, self.cache.nbytes, kv_tokens, self.cache.bytes_per_token()
+            )
+            torch.cuda.set_per_process_memory_fraction(frac, self.device)
+            _FRACTION_SET = True
+
     def _need_bytes(self, batch: Batch) -> int:
         """Estimated bytes this batch needs: weights + KV in use after it + activations."""
         elem = self.cache.k.element_size()
-        pre = {r.rid for r in batch.prefill}
-        held = sum(n for rid, n in zip(self._rids, self._lens, strict=True) if rid not in pre)
-        kv_tokens = held + sum(r.context_len for r in batch.prefill) + len(batch.decode)
+        kv_tokens = self._kv_tokens_after(batch)
         transient = 0
         if batch.prefill:
             lmax = max(r.context_len for r in batch.prefill)
@@ -431,13 +599,16 @@ class TorchExecutor:
 
     def _run_decode(self, n: int, positions: list[int]) -> float | None:
         """One decode step over slots 0..n-1; returns the capture ms if a graph was captured."""
-        if self._graphs_on:
+        if self._graphs_on and self._bucket(n) not in self._capture_failures:
             return self._decode_graph(n, positions)
+        self._decode_eager(n, positions)
+        return None
+
+    def _decode_eager(self, n: int, positions: list[int]) -> None:
         ctx = round_ctx(max(positions) + 1, self.capacity.max_context)
         pos = torch.tensor(positions, device=self.device)
         ids = self.model.decode_step(self._next_tok[:n], pos, self.cache, ctx=ctx, write_slots=self._arange[:n])
         self._next_tok[:n] = ids
-        return None
 
     def _bucket(self, n: int) -> int:
         return min(1 << max(0, (n - 1).bit_length()), self.capacity.max_slots)
@@ -448,7 +619,11 @@ class TorchExecutor:
         captured = None
         g = self._graphs.get(b)
         if g is None:
-            g, captured = self._capture(b, n, host)
+            got = self._capture(b, n, host)
+            if got is None:  # the capture failed: this bucket decodes eagerly for now
+                self._decode_eager(n, positions)
+                return None
+            g, captured = got
         else:
             g.io.copy_(torch.tensor(host, device=self.device).view(2, b))
             g.tokens[:n].copy_(self._next_tok[:n])
@@ -456,35 +631,78 @@ class TorchExecutor:
         self._next_tok[:n].copy_(g.out[:n])
         return captured
 
-    def _capture(self, b: int, n: int, host: list[int]) -> tuple[_Graph, float]:
-        """Capture the decode step for bucket `b` over the full max_context, with the mask."""
+    def _side_stream(self) -> Any:
+        """The executor's one side stream for warm-ups and captures, made at first use
+        (every new stream gets a cuBLAS workspace of its own, kept for the process)."""
+        if self._side is None:
+            self._side = torch.cuda.Stream(self.device)
+        return self._side
+
+    def _capture(self, b: int, n: int, host: list[int]) -> tuple[_Graph, float] | None:
+        """Capture the decode step for bucket `b` over the full max_context, with the mask.
+
+        Warm-ups and capture run on the executor's side stream under its device (a capture
+        begun on another device's stream would record nothing). If either fails (out of
+        memory, a CUDA error), returns None: the current stream is put back if the capture
+        left its own current, the partial graph is dropped, the cache emptied, and the
+        bucket decodes eagerly (over a rounded span, not the full max_context the graph
+        needs) until graphs are next dropped (a knob change) or memory is reclaimed, with
+        the reason under not_applicable['cuda_graphs']. `graph_bytes` is what the capture
+        adds to the reserved memory from an emptied cache: the graph's private pool included.
+        """
         dev = self.device
-        torch.cuda.synchronize(dev)
-        t0 = time.perf_counter()
-        before = torch.cuda.memory_allocated(dev)
-        io = torch.tensor(host, device=dev).view(2, b)
-        tokens = torch.zeros(b, dtype=torch.long, device=dev)
-        tokens[:n].copy_(self._next_tok[:n])
-        ctx = self.capacity.max_context
+        with torch.cuda.device(dev):
+            torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+            side = self._side_stream()
+            main = torch.cuda.current_stream(dev)
+            graph: Any = None
+            out: Any = None  # the static output ids, in the graph's pool
+            before = 0
+            failed = ""
+            try:
+                io = torch.tensor(host, device=dev).view(2, b)
+                tokens = torch.zeros(b, dtype=torch.long, device=dev)
+                tokens[:n].copy_(self._next_tok[:n])
+                ctx = self.capacity.max_context
 
-        def step() -> torch.Tensor:
-            return self.model.decode_step(tokens, io[0], self.cache, ctx=ctx, write_slots=io[1])
+                def step() -> torch.Tensor:
+                    return self.model.decode_step(tokens, io[0], self.cache, ctx=ctx, write_slots=io[1])
 
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):  # warm-ups: rewrite the same K/V, so idempotent
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream(dev).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = step()
-        torch.cuda.synchronize(dev)
-        ms = (time.perf_counter() - t0) * 1e3
+                side.wait_stream(main)
+                with torch.cuda.stream(side):  # warm-ups: rewrite the same K/V, so idempotent
+                    for _ in range(2):
+                        step()
+                main.wait_stream(side)
+                torch.cuda.synchronize(dev)
+                torch.cuda.empty_cache()  # the warm-ups' blocks: not the graph's
+                before = torch.cuda.memory_reserved(dev)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=side):
+                    out = step()
+                    if self._injected("capture"):
+                        raise _oom("out of memory (injected by inject_oom_next, where='capture')")
+            except RuntimeError as exc:  # torch.OutOfMemoryError and CUDA errors alike
+                failed = _first_line(exc)
+            if failed:
+                if torch.cuda.current_stream(dev).cuda_stream != main.cuda_stream:  # capture_end raised first
+                    torch.cuda.set_stream(main)
+                main.wait_stream(side)  # a failed warm-up's queued kernels finish before the eager step
+                graph = out = None
+                torch.cuda.empty_cache()
+                self._capture_failures[b] = failed
+                buckets = ", ".join(str(x) for x in sorted(self._capture_failures))
+                self._graph_notes["cuda_graphs"] = (
+                    f"capture failed for batch bucket(s) {buckets} (last: {failed}); "
+                    "they decode eagerly until graphs are dropped or memory is reclaimed"
+                )
+                return None
+            torch.cuda.synchronize(dev)
+            ms = (time.perf_counter() - t0) * 1e3
+            self.graph_bytes[b] = max(0, torch.cuda.memory_reserved(dev) - before)
         entry = _Graph(graph, tokens, io, out)
         self._graphs[b] = entry
         self.capture_ms[b] = ms
-        self.graph_bytes[b] = torch.cuda.memory_allocated(dev) - before
         self._pending["cuda_graphs"] = self._pending.get("cuda_graphs", 0.0) + ms
         return entry, ms
 
@@ -500,7 +718,10 @@ class TorchExecutor:
             self._swap(a, b)
 
     def _swap(self, a: int, b: int) -> None:
-        self.cache.swap(a, b, max(self._lens[a], self._lens[b]))
+        # Through the scratch slot: nothing allocated, so no OOM can leave K swapped and V
+        # not. Only a graph's padding rows write that slot (in a capture's warm-ups and in
+        # replays, after this step's swaps, in stream order), and nothing reads it back.
+        self.cache.swap(a, b, max(self._lens[a], self._lens[b]), scratch=self.scratch_slot)
         nt = self._next_tok
         nt[a], nt[b] = nt[b].clone(), nt[a].clone()
         ra, rb = self._rids[a], self._rids[b]
@@ -533,6 +754,7 @@ class TorchExecutor:
         The same code path as `execute`; needs an executor with no running sequences.
         """
         self._check_bench(batch, length)
+        self._apply_cap(batch * length)
         t0 = self._now()
         with torch.inference_mode():
             self._run_prefill(list(range(batch)), [length] * batch)
@@ -542,15 +764,17 @@ class TorchExecutor:
         """(ms, capture ms or None) of one decode step of `batch` sequences at `context`.
 
         Every row decodes at position context-1 (a static cache of `context` positions);
-        with graphs on, the bucket's first call captures (capture time not in ms).
+        with graphs on, the bucket's first call captures (capture time not in ms; None if
+        the capture failed and the bucket decodes eagerly, see `capture_failures`).
         """
         self._check_bench(batch, context)
+        self._apply_cap(batch * context)
+        b = self._bucket(batch)
+        captured: float | None = None
         with torch.inference_mode():
-            if self._graphs_on and self._bucket(batch) not in self._graphs:
+            if self._graphs_on and b not in self._graphs and b not in self._capture_failures:
                 self._run_decode(batch, [context - 1] * batch)  # capture, untimed
-                captured: float | None = self.capture_ms[self._bucket(batch)]
-            else:
-                captured = None
+                captured = self.capture_ms[b] if b in self._graphs else None  # None: it failed
             t0 = self._now()
             self._run_decode(batch, [context - 1] * batch)
             return self._since(t0), captured
@@ -562,8 +786,10 @@ class TorchExecutor:
         (and capture). Only an idle executor can be probed (the precision switch would
         recast running sequences' KV). Afterwards the knobs in force are back, the probe's
         graphs and cached blocks are freed, and its switch costs are not reported. Out of
-        memory (a tight cap), the step is infinitely slow: the kernel reads as one that
-        cannot run, and serving starts all the same.
+        memory (a tight cap, or the switch to bf16 refused), the step is infinitely slow:
+        the kernel reads as one that cannot run, and serving starts all the same. The
+        restore diffs against the executor's own record of the knobs in force, so it undoes
+        exactly what the probe's switch did.
         """
         b, c = reference_shape(self.capacity)
         self._check_bench(b, c)  # before any switch
@@ -571,6 +797,8 @@ class TorchExecutor:
         probe = saved.replace(attention=attention, precision="bf16", cuda_graphs=self._cuda, reclaim=False)
         try:
             self.apply_knobs(saved, probe)
+            if self._knobs != probe:  # the switch to bf16 ran out of memory and was refused
+                raise _oom(f"out of memory switching to the probe's knobs {probe}")
             self.time_decode(b, c)
             ms = sorted(self.time_decode(b, c)[0] for _ in range(3))[1]
         except OOM_ERRORS:
@@ -607,7 +835,10 @@ class TorchExecutor:
         `full_stats_every` readings passed without one.
 
         used = device bytes in use minus those held outside this process's allocator at
-        start (CUDA context, other processes); capacity = memory_cap_bytes or the rest.
+        start (CUDA context, other processes) and minus the unused part of the preallocated
+        KV cache: weights + KV in use + activations + the allocator's cached blocks, what a
+        cap holds (`cap_memory_fraction`) and what the simulator's policy was trained on;
+        capacity = memory_cap_bytes or the rest.
         CPU: used = weights + KV in use + the last batch's activation estimate (what the
         simulated cap is checked against); reserved = weights + the whole preallocated KV
         cache + activations; capacity = memory_cap_bytes or 2 x (weights + KV cache).
@@ -620,8 +851,9 @@ class TorchExecutor:
                 self._full_stats()
                 self._mem_calls = 0
             lf = self._last_full
+            unused_kv = self._unused_kv_bytes(sum(self._lens))
             return MemoryReading(
-                used_bytes=max(0, total - free - self._outside),
+                used_bytes=max(0, total - free - self._outside - unused_kv),
                 capacity_bytes=self.memory_cap_bytes or max(1, total - self._outside),
                 reserved_bytes=lf["reserved"],
                 allocated_bytes=lf["allocated"],

@@ -7,6 +7,7 @@ import math
 import time
 
 import pytest
+import torch
 
 from autoopt.calibration.sim_executor import SimExecutor
 from autoopt.cli import main
@@ -206,3 +207,15 @@ def test_requests_the_loop_cannot_serve_are_refused(bad, match):
     reqs[-1] = Request(**{"rid": last.rid, "arrival_s": 1.0, "prompt_len": 8, "output_len": 2, **bad})
     with pytest.raises(ValueError, match=match):
         Engine(_sim(), reqs, CPU_KNOBS)
+
+
+def test_a_refused_precision_switch_leaves_the_engine_reporting_what_runs(executor_factory):
+    ex = executor_factory()
+    engine = Engine(ex, _requests(5), CPU_KNOBS)  # fp32
+    ex.inject_oom_next(where="precision")  # the cast runs out of memory, as on a full card
+    report = engine.set_knobs(CPU_KNOBS.replace(precision="bf16", max_num_seqs=8))
+    assert "precision" in report.not_applicable and "precision" not in report.changed
+    assert engine.knobs.precision == "fp32" and engine.knobs.max_num_seqs == 8  # the rest applied
+    assert ex.cache.dtype == torch.float32
+    done = _run_checking_balance(engine)
+    assert done["completed"] == 5

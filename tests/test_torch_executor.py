@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -155,6 +157,81 @@ def test_injected_oom_returns_without_raising_and_keeps_slots(ex: TorchExecutor)
     assert not ex.execute(Batch([], running)).oom
 
 
+def test_precision_switch_out_of_memory_is_refused_and_keeps_the_old_precision_whole(ex: TorchExecutor) -> None:
+    """Out of memory once the new weights are built (before the KV is cast): nothing was
+    assigned, so the executor serves on in fp32, and apply_knobs reports the refusal
+    rather than raising out of the engine's set_knobs."""
+    rs = reqs([7, 20, 33])
+    step(ex, rs, [])
+    step(ex, [], rs)
+    kv, toks, capacity, wbytes = {r.rid: kv_of(ex, r.rid) for r in rs}, ex.last_tokens(), ex.capacity, ex.weight_bytes
+    ex.inject_oom_next(where="precision")
+    new = FP32.replace(precision="bf16", attention="flash", max_num_seqs=8)  # flash: half precision only
+    rep = ex.apply_knobs(FP32, new)
+    assert rep.not_applicable["precision"] == "out of memory casting to bf16, kept fp32"
+    assert rep.not_applicable["attention"].startswith("kept 'math'")  # fp32 + flash is no valid config
+    assert rep.changed == ["max_num_seqs"] and rep.cost_ms["precision"] >= 0.0
+    assert ex.knobs == FP32.replace(max_num_seqs=8)
+    assert {p.dtype for p in ex.model.parameters()} == {torch.float32}
+    assert ex.cache.k.dtype == ex.cache.v.dtype == torch.float32
+    assert ex.weight_bytes == wbytes and ex.capacity == capacity and ex.effective_kernels["decode"] == "math"
+    assert ex.last_tokens() == toks and all(torch.equal(kv_of(ex, r.rid), kv[r.rid]) for r in rs)
+    assert not step(ex, [], rs).oom
+    ex.inject_oom_next(where="precision")  # a kernel that runs in fp32 is switched all the same
+    rep = ex.apply_knobs(ex.knobs, ex.knobs.replace(precision="bf16", attention="efficient"))
+    assert "precision" in rep.not_applicable and rep.changed == ["attention"]
+    assert ex.knobs == FP32.replace(max_num_seqs=8, attention="efficient") and ex.cache.k.dtype == torch.float32
+    rep = ex.apply_knobs(ex.knobs, ex.knobs.replace(precision="bf16"))  # no fault: it goes through
+    assert rep.changed == ["precision"] and "precision" not in rep.not_applicable
+    assert ex.cache.k.dtype == ex.cache.v.dtype == ex.model.wte.weight.dtype == torch.bfloat16
+    assert not step(ex, [], rs).oom
+
+
+def test_cap_memory_fraction_leaves_the_unused_kv_cache_out_of_the_cap() -> None:
+    """gpt2-small in bf16 with 64 slots of 2048 positions (a 4.9 GB cache) on an 80 GiB card
+    under a 2 GiB cap: the old fraction, cap/total, counted the whole preallocated cache
+    against the cap and admitted nothing; the new one admits what the cap admits on the CPU
+    and in the simulator (weights + KV in use + activations) and nothing more."""
+    from autoopt.engine.torch_executor import cap_memory_fraction
+
+    total, cap, weights, bpt = 80 << 30, 2 << 30, 250_000_000, 36_864
+    cache = 65 * 2048 * bpt
+    act = 150_000_000
+
+    def allowed(kv_tokens: int) -> float:
+        return cap_memory_fraction(cap, total, cache, kv_tokens, bpt) * total
+
+    fits = 4 * 512  # four 512-token prompts: 75 MB of KV, well within the cap
+    assert weights + fits * bpt + act <= cap < weights + cache
+    assert allowed(fits) >= weights + cache + act  # the allocator holds the whole cache
+    assert (cap / total) * total < weights + cache  # the old fraction: not even the idle executor fits
+    assert allowed(fits) == pytest.approx(cap + cache - fits * bpt)
+    too_many = (cap - weights - act) // bpt + 1_000  # over the cap, as the CPU's simulated cap says
+    assert weights + too_many * bpt + act > cap and allowed(too_many) < weights + cache + act
+    assert allowed(0) == pytest.approx(cap + cache)
+    assert cap_memory_fraction(cap, total, cache, 10 * cache // bpt, bpt) == pytest.approx(cap / total)
+    assert cap_memory_fraction(total, total, cache, 0, bpt) == 1.0  # at most the whole device
+    assert type(cap_memory_fraction(cap, total, cache, 0, bpt)) is float  # torch refuses an int
+
+
+def test_kv_swap_through_the_scratch_slot_matches_the_copying_swap() -> None:
+    from autoopt.engine.model import KVCache
+
+    def filled() -> KVCache:
+        c = KVCache(2, 4, 2, 16, 4, torch.float32, "cpu")
+        c.k.copy_(torch.arange(c.k.numel(), dtype=torch.float32).view_as(c.k))
+        c.v.copy_(-c.k)
+        return c
+
+    a, b = filled(), filled()
+    a.swap(0, 2, length=10)
+    b.swap(0, 2, length=10, scratch=3)
+    assert torch.equal(a.k[:, :3], b.k[:, :3]) and torch.equal(a.v[:, :3], b.v[:, :3])
+    assert torch.equal(b.k[:, 0, :, :10], filled().k[:, 2, :, :10])
+    with pytest.raises(ValueError, match="scratch"):
+        b.swap(0, 3, scratch=3)
+
+
 def test_simulated_memory_cap_on_cpu() -> None:
     probe = TorchExecutor("tiny", device="cpu", max_slots=8, knobs=FP32)
     cap = probe.weight_bytes + 300_000
@@ -248,15 +325,20 @@ def test_cuda_flash_decode_kernel_is_reported() -> None:
 
 @cuda_only
 def test_cuda_allocator_reclaim_memory_and_real_oom() -> None:
-    ex = TorchExecutor("tiny", device="cuda", max_slots=4, knobs=FP32)
-    rep = ex.apply_knobs(None, FP32.replace(allocator="expandable", reclaim=True))
-    assert "allocator" in rep.cost_ms and "reclaim" in rep.cost_ms
-    assert "allocator" not in rep.not_applicable, rep.not_applicable
-    rep = ex.apply_knobs(None, FP32.replace(allocator="split128"))
-    assert "allocator" not in rep.not_applicable, rep.not_applicable
-    m = ex.memory(full=True)
-    assert m.full and m.allocated_bytes > 0 and m.reserved_bytes >= m.allocated_bytes
-    assert 0 < m.used_bytes < m.capacity_bytes
+    from autoopt.engine.device import apply_allocator
+
+    try:
+        ex = TorchExecutor("tiny", device="cuda", max_slots=4, knobs=FP32)
+        rep = ex.apply_knobs(None, FP32.replace(allocator="expandable", reclaim=True))
+        assert "allocator" in rep.cost_ms and "reclaim" in rep.cost_ms
+        assert "allocator" not in rep.not_applicable, rep.not_applicable
+        rep = ex.apply_knobs(None, FP32.replace(allocator="split128"))
+        assert "allocator" not in rep.not_applicable, rep.not_applicable
+        m = ex.memory(full=True)
+        assert m.full and m.allocated_bytes > 0 and m.reserved_bytes >= m.allocated_bytes
+        assert 0 < m.used_bytes < m.capacity_bytes
+    finally:  # the allocator's settings are process-wide: later tests get the default back
+        apply_allocator("default")
 
 
 @cuda_only
@@ -277,6 +359,75 @@ def test_cuda_real_oom_is_returned_not_raised() -> None:
     capped = TorchExecutor("tiny", device="cuda", max_slots=2, memory_cap_bytes=8 << 30)
     torch.cuda.set_per_process_memory_fraction(1.0)
     assert capped.memory(full=False).capacity_bytes == 8 << 30
+
+
+@cuda_only
+def test_cuda_memory_cap_below_weights_and_full_kv_cache_serves_within_the_cap() -> None:
+    """The cap holds weights + KV in use + activations, as on the CPU and in the simulator:
+    a cap below weights + the whole preallocated cache still serves (the old fraction,
+    cap/total, OOMed every step once the cache was emptied, and a precision switch raised)."""
+    cap = 2 << 30
+    knobs = Knobs(precision="bf16", attention="efficient")
+    ex = TorchExecutor("gpt2-small", device="cuda", max_slots=64, memory_cap_bytes=cap, knobs=knobs)
+    try:
+        assert ex.weight_bytes + ex.cache.nbytes > cap
+        ex.apply_knobs(knobs, knobs.replace(reclaim=True))  # no leftover cached blocks to live on
+        rs = reqs([512] * 4)
+        assert not step(ex, rs, []).oom
+        for _ in range(3):
+            assert not step(ex, [], rs).oom
+        rep = ex.apply_knobs(knobs, knobs.replace(precision="fp16"))  # the fp32 master goes to the card
+        assert "precision" not in rep.not_applicable and ex.cache.k.dtype == torch.float16
+        more = reqs([256] * 2, start=10)
+        assert not step(ex, more, rs).oom
+        assert not step(ex, [], [*rs, *more]).oom
+        m = ex.memory(full=True)
+        kv_in_use = sum(ex.context_of(r.rid) for r in [*rs, *more]) * ex.kv_bytes_per_token()
+        assert m.capacity_bytes == cap
+        assert ex.weight_bytes + kv_in_use <= m.used_bytes <= cap, (m.used_bytes, cap)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+@cuda_only
+def test_cuda_uncapped_executor_after_a_capped_one_is_not_held_to_its_cap() -> None:
+    cap = 256 << 20
+    capped = TorchExecutor("tiny", device="cuda", max_slots=2, memory_cap_bytes=cap, knobs=FP32)
+    assert not step(capped, reqs([16]), []).oom  # its step set the fraction to its cap
+    free = TorchExecutor("tiny", device="cuda", max_slots=2, knobs=FP32)
+    big = torch.empty(cap + capped.cache.nbytes + (512 << 20), dtype=torch.uint8, device="cuda")
+    del big
+    assert not step(free, reqs([16]), []).oom
+    assert free.memory(full=False).capacity_bytes > cap
+
+
+@cuda_only
+def test_cuda_graph_capture_failure_falls_back_to_eager() -> None:
+    knobs = Knobs(precision="fp32", attention="efficient")
+    eager = TorchExecutor("tiny", device="cuda", max_slots=8, seed=2, knobs=knobs)
+    graph = TorchExecutor("tiny", device="cuda", max_slots=8, seed=2, knobs=knobs)
+    graph.apply_knobs(knobs, knobs.replace(cuda_graphs=True))
+    re_, rg = reqs([9, 30, 17]), reqs([9, 30, 17])
+    step(eager, re_, [])
+    step(graph, rg, [])
+    default = torch.cuda.default_stream().cuda_stream
+    graph.inject_oom_next(where="capture")
+    for _ in range(3):  # the first step's capture fails; that bucket then decodes eagerly
+        assert not step(graph, [], rg).oom
+        step(eager, [], re_)
+        assert eager.last_tokens() == graph.last_tokens()
+        assert torch.cuda.current_stream().cuda_stream == default
+    assert set(graph.capture_failures) == {4} and graph._graphs == {}
+    assert "cuda_graphs" not in graph.take_pending_switch_ms()
+    rep = graph.apply_knobs(graph.knobs, graph.knobs.replace(max_num_seqs=16))
+    assert "bucket(s) 4" in rep.not_applicable["cuda_graphs"]
+    rep = graph.apply_knobs(graph.knobs, graph.knobs.replace(reclaim=True))  # capture gets another try
+    assert "cuda_graphs" not in rep.not_applicable and graph.capture_failures == {}
+    assert not step(graph, [], rg).oom
+    step(eager, [], re_)
+    assert eager.last_tokens() == graph.last_tokens()
+    assert set(graph._graphs) == {4}
+    assert graph.graph_bytes[4] >= 1 << 20  # the graph's private pool: at least a fresh segment
 
 
 def test_allocator_settings_strings() -> None:
@@ -331,6 +482,19 @@ def test_reference_decode_probe_times_each_kernel_and_restores_the_knobs() -> No
     assert ex.take_pending_switch_ms() == {"cuda_graphs": 1.5}
     res = step(ex, reqs([5, 9]), [])
     assert not res.oom and set(ex.slots) == {0, 1}
+
+
+def test_reference_decode_probe_with_the_switch_to_bf16_refused_reads_as_a_kernel_that_cannot_run(
+    ex: TorchExecutor,
+) -> None:
+    """The probe's switch to bf16 out of memory: the probe cannot run (inf, not a timing of
+    the fp32 executor's own kernel), and the restore leaves the knobs in force as they were."""
+    ex.inject_oom_next(where="precision")
+    assert ex.reference_decode_ms("flash") == math.inf
+    assert ex.knobs == FP32 and ex.cache.k.dtype == torch.float32
+    assert ex.take_pending_switch_ms() == {}
+    assert 0 < ex.reference_decode_ms("flash") < math.inf  # no fault: the probe runs
+    assert ex.knobs == FP32 and ex.cache.k.dtype == ex.model.wte.weight.dtype == torch.float32
 
 
 def test_reference_decode_probe_refuses_an_executor_that_is_serving(ex: TorchExecutor) -> None:
