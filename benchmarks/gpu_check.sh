@@ -20,7 +20,10 @@ python -m autoopt.cli replay "${common[@]}" --knobs benchmarks/knobs_best_static
 python -m autoopt.cli replay "${common[@]}" --knobs benchmarks/knobs_best_static.json --policy policies/shipped/h100-gpt2-small --report "$out/replay_policy.json"
 python -m autoopt.cli replay "${common[@]}" --report "$out/replay_default.json"
 python -m autoopt.cli calibrate --model "$model" --device "$device" --quick --budget-s 120 --no-progress --out "$out/profile.json"
+# a check that cannot run (rc 2: e.g. no rows, the budget cut the grid early) must not stop
+# the sim_vs_live step below: report it and go on
 for shipped in h100-gpt2-small-engine h100-gpt2-small; do
-  python -m autoopt.cli calibrate check --profile "$shipped" --against "$out/profile.json" | tee "$out/check_$shipped.txt"
+  python -m autoopt.cli calibrate check --profile "$shipped" --against "$out/profile.json" | tee "$out/check_$shipped.txt" \
+    || echo "calibrate check against $shipped: rc=$? (continuing)"
 done
 python benchmarks/sim_vs_live.py --device cuda --calibrate --rounds 2 --report "$out/sim_vs_live_cuda.json" | tee "$out/sim_vs_live_cuda.txt"

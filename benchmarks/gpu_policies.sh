@@ -16,6 +16,7 @@ for name in $only; do
     ship) extra=(--knobs benchmarks/knobs_best_static.json --policy policies/shipped/h100-gpt2-small);;
     exp) extra=(--knobs benchmarks/knobs_best_static.json --policy "${CANDIDATE:-runs/exp1/policy}");;
     default) extra=();;
+    *) echo "unknown name $name (known: static ship exp default); skipped"; continue;;
   esac
   t0=$(date +%s); timeout 150 python -m autoopt.cli replay "${common[@]}" "${extra[@]}" --report "$out/replay_$name.json" > "$out/log_$name.txt" 2>&1; echo "$name rc=$? $(( $(date +%s) - t0 ))s"; grep -E "goodput|SLO att|TTFT p99|TPOT p99|OOMs|requests|knobs " "$out/log_$name.txt"
 done

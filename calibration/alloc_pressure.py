@@ -20,7 +20,9 @@ from ..engine.model import SDPA_BACKENDS, DecoderLM, model_config
 from .alloc_model import AllocatorModel
 from .measure import Clock, error_text, run_with_peak
 
-_ALLOC_ENV = "PYTORCH_CUDA_ALLOC_CONF"
+# The allocator config's environment variables: the CUDA one, and the device-generic name
+# that newer torch reads first (so a value left in it would override the CUDA one).
+_ALLOC_ENVS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
 
 
 def alloc_stream(spec: dict[str, Any], max_context: int) -> list[tuple[int, int]]:
@@ -39,9 +41,10 @@ def run_alloc_pressure(
     cfg: Any, dev: torch.device, spec: dict[str, Any], clock: Clock, progress: bool
 ) -> tuple[list[dict[str, Any]], str, list[dict[str, Any]]]:
     """Serve the stream once per (allocator config, cap), each in a fresh process with
-    PYTORCH_CUDA_ALLOC_CONF set before CUDA starts (as the shared h100 runs did: a
-    process that already ran the grid holds cached segments that would skew the cap).
-    Returns rows in the format of shared/data/h100/alloc.jsonl, notes and errors."""
+    PYTORCH_CUDA_ALLOC_CONF and PYTORCH_ALLOC_CONF set before CUDA starts (as the shared
+    h100 runs did: a process that already ran the grid holds cached segments that would
+    skew the cap). Returns rows in the format of shared/data/h100/alloc.jsonl, notes and
+    errors."""
     import multiprocessing as mp
     import tempfile
 
@@ -57,19 +60,22 @@ def run_alloc_pressure(
             raise ValueError(f"alloc run config {cfg_name!r} is not one of {list(ALLOCATOR_MODES)}")
         with tempfile.TemporaryDirectory() as td:
             out = Path(td) / "rows.jsonl"
-            old = os.environ.get(_ALLOC_ENV)
-            os.environ[_ALLOC_ENV] = allocator_settings_string(cfg_name)
+            old = {name: os.environ.get(name) for name in _ALLOC_ENVS}
+            settings = allocator_settings_string(cfg_name)
             try:
+                for name in _ALLOC_ENVS:
+                    os.environ[name] = settings
                 proc = ctx.Process(
                     target=_alloc_worker,
                     args=(cfg.name, cfg_name, float(cap_frac), spec, dev.index or 0, str(out), progress),
                 )
                 proc.start()
             finally:
-                if old is None:
-                    os.environ.pop(_ALLOC_ENV, None)
-                else:
-                    os.environ[_ALLOC_ENV] = old
+                for name, value in old.items():
+                    if value is None:
+                        os.environ.pop(name, None)
+                    else:
+                        os.environ[name] = value
             left = None if clock.budget_s is None else max(60.0, clock.budget_s - clock.elapsed + 60.0)
             proc.join(left)
             if proc.is_alive():
@@ -82,7 +88,9 @@ def run_alloc_pressure(
                 )
             if out.exists():
                 rows += [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
-    notes.append("each config in a fresh process, PYTORCH_CUDA_ALLOC_CONF set before CUDA starts")
+    notes.append(
+        "each config in a fresh process, PYTORCH_CUDA_ALLOC_CONF and PYTORCH_ALLOC_CONF set before CUDA starts"
+    )
     return rows, "; ".join(notes), errors
 
 

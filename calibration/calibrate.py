@@ -152,7 +152,10 @@ def calibrate(
     finally:
         bar.close()
     measured = len(prefill_rows) + len(decode_rows)
-    del ex
+    # The grid's executor (its weights and whole KV cache) must be gone before the
+    # allocator-pressure children share the card: `grid_run` holds it too.
+    timing = dict(grid_run.timing)
+    del ex, grid_run
     free_cuda(dev)
 
     allocator: dict[str, Any] = {}
@@ -205,7 +208,7 @@ def calibrate(
         # Timings go through TorchExecutor.execute, whose eager decode pads every row to the
         # longest context in the batch: the simulator charges a mixed batch that way.
         "decode_context": "longest",
-        "timing": {"passes": passes, **grid_run.timing, "host_noise": host_noise},
+        "timing": {"passes": passes, **timing, "host_noise": host_noise},
     }
     profile = {
         "format": PROFILE_FORMAT,

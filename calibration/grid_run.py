@@ -252,6 +252,9 @@ class GridRun:
         samples, cold, capture, trans = _decode_samples(
             self.ex, self.dev, b, c, g["decode_warmup"], g["decode_runs"], n_cold, lengths
         )
+        failed = self.ex.capture_failures.get(self.ex._bucket(b)) if graph else None
+        if failed is not None:  # the steps ran eagerly: they are not a graph row
+            raise RuntimeError(f"CUDA graph capture failed, the bucket decoded eagerly: {failed}")
         if cold:  # each cold step against this pass's typical step
             med = statistics.median(samples)
             full = max(self.cold_prompts)
