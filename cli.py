@@ -10,6 +10,11 @@ import argparse
 import os
 import sys
 
+from .engine.errors import InputError
+
+# what bad input raises: the project's own input errors, and paths that cannot be used
+BAD_INPUT = (InputError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
 
 def _replay(argv: list[str]) -> int:
     from .engine.replay import add_replay_args, replay_main
@@ -96,11 +101,12 @@ def main(argv: list[str] | None = None) -> int:
         # stdout at devnull so the interpreter's final flush does not raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    except (ValueError, OSError) as exc:
+    except BAD_INPUT as exc:
         # Bad input (a malformed trace, profile, policy file or knobs; a path that cannot be
         # read or written): the loaders' messages name the file and line, so print that,
-        # not a traceback. AUTOOPT_TRACEBACK=1 shows the traceback too.
-        if os.environ.get("AUTOOPT_TRACEBACK"):
+        # not a traceback. Anything else is a bug and keeps its traceback.
+        # AUTOOPT_TRACEBACK=1 shows the traceback of bad input too.
+        if os.environ.get("AUTOOPT_TRACEBACK", "").lower() in ("1", "true", "yes"):
             raise
         print(f"autoopt {argv[0]}: error: {exc}", file=sys.stderr)
         return 2

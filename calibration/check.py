@@ -22,12 +22,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..engine.errors import InputError
 from ..engine.strict_json import dumps_strict
 from .latency_model import normalise_row, row_group
 from .profile import Profile, ProfileError, load_profile
 
 
-class CheckError(ValueError):
+class CheckError(InputError):
     """Rows that cannot be checked (names the file and line)."""
 
 

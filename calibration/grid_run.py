@@ -249,6 +249,8 @@ class GridRun:
         n_cold, prompts = int(g.get("cold_runs", 0)), self.cold_prompts
         lengths = [prompts[(self._cold_turn + i) % len(prompts)] for i in range(n_cold)]
         self._cold_turn += n_cold
+        if graph:  # an earlier point's failed capture must not keep this one eager: try again
+            self.ex.forget_capture_failures()
         samples, cold, capture, trans = _decode_samples(
             self.ex, self.dev, b, c, g["decode_warmup"], g["decode_runs"], n_cold, lengths
         )

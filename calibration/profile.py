@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..engine.errors import InputError
+
 if TYPE_CHECKING:
     from .alloc_model import AllocatorModel
     from .latency_model import LatencyModel
@@ -43,7 +45,7 @@ PREFILL_FIELDS = ("B", "L", "backend", "precision", "ms", "ms_min", "ms_max", "p
 DECODE_FIELDS = ("B", "C", "backend", "precision", "cuda_graphs", "ms", "ms_min", "ms_max", "capture_ms", "peak_alloc")
 
 
-class ProfileError(ValueError):
+class ProfileError(InputError):
     """A profile that cannot be used, with where and why."""
 
 

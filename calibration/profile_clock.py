@@ -25,10 +25,23 @@ class ProfileClockExecutor:
     def capacity(self):
         return self.live.capacity
 
+    @property
+    def knobs(self) -> Knobs:
+        """The knobs the live engine runs: a switch it refused (a precision cast out of
+        memory) is not in them, and the engine reports these."""
+        return self.live.knobs
+
+    @property
+    def runtime_notes(self) -> dict[str, str]:
+        return dict(getattr(self.live, "runtime_notes", {}))
+
     def apply_knobs(self, old: Knobs | None, new: Knobs) -> SwitchReport:
-        predicted = self.timer.apply_knobs(old, new)
+        """The live switch first; the clock then follows what the live engine took up, and
+        charges the profile's cost of those knobs only."""
         report = self.live.apply_knobs(old, new)
-        report.cost_ms, report.ms = dict(predicted.cost_ms), predicted.ms
+        predicted = self.timer.apply_knobs(old, self.live.knobs.replace(reclaim=new.reclaim))
+        report.cost_ms = {k: ms for k, ms in predicted.cost_ms.items() if k in report.changed}
+        report.ms = float(sum(report.cost_ms.values()))
         return report
 
     def reference_decode_ms(self, attention: str) -> float:

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .errors import InputError
 from .knobs import ALLOCATOR_MODES
 
 DTYPES: dict[str, torch.dtype] = {
@@ -74,11 +75,11 @@ def resolve_device(device: str) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError as exc:
-        raise ValueError(f"bad device {device!r}: {exc}") from None
+        raise InputError(f"bad device {device!r}: {exc}") from None
     if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+        raise InputError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device")
+        raise InputError(f"device {device!r} asked for, but torch sees no CUDA device")
     if dev.type == "cuda" and dev.index is None:  # some torch.cuda calls need the index
         dev = torch.device("cuda", torch.cuda.current_device())
     return dev

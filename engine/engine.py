@@ -13,6 +13,7 @@ iteration); a switch's cost is charged to the clock.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ def check_requests(requests: Sequence[Request]) -> None:
             raise ValueError(f"request {r.rid}: arrival_s must be a finite time >= 0, got {r.arrival_s!r}")
         for name in ("prompt_len", "output_len"):
             n = getattr(r, name)
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
                 raise ValueError(f"request {r.rid}: {name} must be an integer >= 1, got {n!r}")
         if r.rid in rids:
             raise ValueError(f"request id {r.rid} appears twice (each request must be a distinct rid)")
@@ -292,7 +293,6 @@ class Engine:
                 break
             if on_step is not None:
                 on_step(stats)
-        self._admit_arrivals()
         return self.report()
 
     # -- accounting -------------------------------------------------------------------
@@ -310,6 +310,9 @@ class Engine:
         }
 
     def report(self) -> dict[str, Any]:
+        """The replay's figures so far. Arrivals the clock has passed join the queue first
+        (the next step would take them up): each request then counts as arrived or not."""
+        self._admit_arrivals()
         arrived = self.arrived_requests()
         start = arrived[0].arrival_s if arrived else 0.0
         summary = summarise(arrived, self.config.slo, self.now_s - start)
@@ -328,7 +331,7 @@ class Engine:
                 "switch_ms_total": tel.switch_ms_total,
                 "switch_counts": dict(tel.switch_counts),
                 "knobs": self.knobs.to_dict(),
-                "not_applicable": dict(self.not_applicable),
+                "not_applicable": {**self.not_applicable, **getattr(self.executor, "runtime_notes", {})},
                 "slo": {"ttft_ms": self.config.slo.ttft_s * 1e3, "tpot_ms": self.config.slo.tpot_s * 1e3},
                 "clock": self.config.clock,
                 "device": self.executor.device_type,

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import InputError
+
 ATTENTION_KERNELS: tuple[str, ...] = ("flash", "efficient", "math", "cudnn")
 PRECISIONS: tuple[str, ...] = ("bf16", "fp16", "fp32_tf32", "fp32")
 # Named allocator configurations: the ones measured under memory pressure on the H100
@@ -32,7 +34,7 @@ MAX_NUM_SEQS_LIMIT = 4096
 MAX_BATCHED_TOKENS_LIMIT = 1 << 20
 
 
-class KnobError(ValueError):
+class KnobError(InputError):
     """A knob value that the engine cannot run, with the reason."""
 
 

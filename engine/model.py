@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .errors import InputError
+
 # Eager decode attends over the longest context in the batch rounded up to this many
 # positions, so a growing batch reuses the same few shapes.
 DECODE_CTX_ROUND = 64
@@ -75,7 +77,7 @@ def model_config(name: str) -> ModelConfig:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; known models: {sorted(PRESETS)}") from None
+        raise InputError(f"unknown model {name!r}; known models: {sorted(PRESETS)}") from None
 
 
 SDPA_BACKENDS: dict[str, SDPBackend] = {

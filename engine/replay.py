@@ -76,7 +76,7 @@ def add_replay_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-slots", type=positive_int, default=64, help="KV-cache slots (most concurrent sequences)")
     p.add_argument(
-        "--memory-cap-gib", type=positive_float, default=None, help="cap on device memory the engine may use"
+        "--memory-cap-gib", type=nonneg_float, default=None, help="cap on device memory the engine may use (0: none)"
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report", type=Path, default=None, help="write the summary as JSON here")

@@ -8,9 +8,14 @@ import json
 import math
 from typing import Any
 
+import numpy as np
+
 
 def finite_or_none(obj: Any) -> Any:
-    """`obj` with every non-finite float, however deeply nested, replaced by None."""
+    """`obj` with every non-finite float, however deeply nested, replaced by None (numpy
+    scalars and arrays as the Python numbers and lists they hold)."""
+    if isinstance(obj, np.ndarray | np.generic):
+        obj = obj.tolist()
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):

@@ -6,7 +6,7 @@ real: SDPA kernels pinned with `sdpa_kernel`, weights and KV cast from an fp32 m
 copy, CUDA graphs captured lazily per batch-size bucket, the CUDA allocator reconfigured
 at run time. Knobs that cannot act on the device are reported, never faked.
 
-Out of memory never raises: the batch's prefill requests lose their slots, the cache is
+Out of memory in a step never raises: the batch's prefill requests lose their slots, the cache is
 emptied, and `StepResult(oom=True)` goes back to the scheduler; a precision switch out of
 memory is refused and reported, a graph capture out of memory falls back to eager decode.
 
@@ -31,6 +31,7 @@ import torch
 
 from .card import reference_shape
 from .device import DTYPES, OOM_ERRORS, apply_allocator, pin_cpu_malloc, resolve_device
+from .errors import InputError
 from .executor import Batch, Capacity, MemoryReading, StepResult, SwitchReport, kv_token_budget
 from .knobs import ALLOCATOR_MODES, KnobError, Knobs, not_applicable
 from .model import SDPA_BACKENDS, DecoderLM, model_config, resolve_kernel, round_ctx, transient_bytes
@@ -146,7 +147,7 @@ class TorchExecutor:
                 c = self.cfg
                 need = 2 * c.layers * (max_slots + 1) * ctx * c.d_model
                 need = need * torch.tensor([], dtype=self._working_dtype(self._precision)).element_size()
-                raise ValueError(
+                raise InputError(
                     f"the KV cache of {max_slots} slots x {ctx} positions needs {need / 2**30:.1f} GiB, more than "
                     f"{self.device} could give ({_first_line(exc)}); lower max_slots"
                 ) from exc
@@ -237,6 +238,13 @@ class TorchExecutor:
         """
         out, self._pending = self._pending, {}
         return out
+
+    @property
+    def runtime_notes(self) -> dict[str, str]:
+        """Knobs that stopped acting while serving (a bucket whose graph capture ran out of
+        memory decodes eagerly): for the engine's report, whose not_applicable is otherwise
+        refreshed only when knobs switch."""
+        return dict(self._graph_notes)
 
     @property
     def capture_failures(self) -> dict[int, str]:
@@ -434,7 +442,7 @@ class TorchExecutor:
         if not self._cuda:
             return None
         t0 = self._now()
-        self._forget_capture_failures()
+        self.forget_capture_failures()
         torch.cuda.empty_cache()
         return self._since(t0)
 
@@ -460,7 +468,7 @@ class TorchExecutor:
         """Drop the captured graphs (and the record of failed captures). On CUDA their
         private pools are then given back: a dropped graph's pool stays reserved until the
         cache is emptied, and would count as used memory (and against a cap) meanwhile."""
-        self._forget_capture_failures()
+        self.forget_capture_failures()
         if self._graphs:
             if self._cuda:
                 torch.cuda.synchronize(self.device)
@@ -468,7 +476,8 @@ class TorchExecutor:
             if self._cuda:
                 torch.cuda.empty_cache()
 
-    def _forget_capture_failures(self) -> None:
+    def forget_capture_failures(self) -> None:
+        """Let buckets whose graph capture failed try again at their next decode."""
         self._capture_failures.clear()
         self._graph_notes.clear()
 
@@ -498,7 +507,7 @@ class TorchExecutor:
             self.release(batch.prefill)  # no slot kept; decode requests keep theirs
             if self._cuda:
                 torch.cuda.empty_cache()
-            return StepResult(ms=self._since(t0), oom=True, error=str(exc).splitlines()[0][:200])
+            return StepResult(ms=self._since(t0), oom=True, error=_first_line(exc))
         return StepResult(ms=self._since(t0))
 
     def _check_batch(self, batch: Batch) -> None:
@@ -642,12 +651,13 @@ class TorchExecutor:
         """Capture the decode step for bucket `b` over the full max_context, with the mask.
 
         Warm-ups and capture run on the executor's side stream under its device (a capture
-        begun on another device's stream would record nothing). If either fails (out of
-        memory, a CUDA error), returns None: the current stream is put back if the capture
-        left its own current, the partial graph is dropped, the cache emptied, and the
+        begun on another device's stream would record nothing). If either runs out of
+        memory, returns None: the current stream is put back if the capture left its own
+        current, the partial graph is dropped, the cache emptied, and the
         bucket decodes eagerly (over a rounded span, not the full max_context the graph
         needs) until graphs are next dropped (a knob change) or memory is reclaimed, with
-        the reason under not_applicable['cuda_graphs']. `graph_bytes` is what the capture
+        the reason under not_applicable['cuda_graphs'] (and in the engine's report). Any
+        other error is raised, the stream put back first. `graph_bytes` is what the capture
         adds to the reserved memory from an emptied cache: the graph's private pool included.
         """
         dev = self.device
@@ -682,8 +692,15 @@ class TorchExecutor:
                     out = step()
                     if self._injected("capture"):
                         raise _oom("out of memory (injected by inject_oom_next, where='capture')")
-            except RuntimeError as exc:  # torch.OutOfMemoryError and CUDA errors alike
+            except OOM_ERRORS as exc:
                 failed = _first_line(exc)
+            except RuntimeError:
+                # Not memory: a CUDA error or a step that cannot be captured is a bug to see,
+                # not a condition to serve around (and torch may consider the capture still
+                # underway). Put the stream back so the traceback is the only damage done here.
+                if torch.cuda.current_stream(dev).cuda_stream != main.cuda_stream:
+                    torch.cuda.set_stream(main)
+                raise
             if failed:
                 if torch.cuda.current_stream(dev).cuda_stream != main.cuda_stream:  # capture_end raised first
                     torch.cuda.set_stream(main)

@@ -24,13 +24,14 @@ from typing import Any
 
 import numpy as np
 
+from ..engine.errors import InputError
 from .policy_file import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, WEIGHTS_NAME
 from .runtime import RuntimePolicy
 
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed member dates: the same model exports to the same bytes
 
 
-class ExportError(ValueError):
+class ExportError(InputError):
     """A model that cannot be exported to the runtime format, with the reason."""
 
 

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from ..engine.errors import InputError
+
 FORMAT_NAME = "autoopt-policy"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -28,7 +30,7 @@ ACTIVATIONS = ("tanh", "relu")
 _MAX_MEMBER_BYTES = 256 << 20
 
 
-class PolicyFileError(ValueError):
+class PolicyFileError(InputError):
     """A policy file that the runtime refuses, with what is wrong and where."""
 
 

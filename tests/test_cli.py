@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from autoopt.cli import COMMANDS, main
+from autoopt.engine.strict_json import dumps_strict
 
 
 def test_usage_lists_every_command_and_an_unknown_one_is_an_error(capsys) -> None:
@@ -55,6 +58,7 @@ def test_bad_input_is_one_line_naming_the_file_and_exit_code_2(tmp_path, capsys)
         ["replay", "--speedup", "0"],
         ["replay", "--drain", "-1"],
         ["replay", "--memory-cap-gib", "nan"],
+        ["replay", "--memory-cap-gib", "-1"],
         ["replay", "--max-slots", "0"],
         ["evaluate", "--load-scale", "0"],
         ["evaluate", "--policy", "none", "--scenario", "azure-conv", "4", "inf"],
@@ -81,3 +85,20 @@ def test_a_report_with_figures_that_have_no_value_is_strict_json(tmp_path) -> No
 
     report = json.loads(out.read_text(), parse_constant=refuse)
     assert report["arrived"] == 0 and report["slo_attainment"] is None and report["ttft_p50_ms"] is None
+
+
+def test_an_error_that_is_not_bad_input_keeps_its_traceback(monkeypatch) -> None:
+    """A bug (here a ValueError from inside a command) must not read as a bad flag."""
+
+    def buggy(argv: list[str]) -> int:
+        a, b = [1, 2, 3]  # noqa: F841 - the kind of slip a traceback must point at
+        return 0
+
+    monkeypatch.setitem(COMMANDS, "buggy", (buggy, "a command with a bug"))
+    with pytest.raises(ValueError, match="too many values to unpack"):
+        main(["buggy"])
+
+
+def test_strict_json_writes_numpy_figures_as_numbers_and_their_gaps_as_null() -> None:
+    report = {"a": np.float32("nan"), "b": np.int64(3), "c": np.array([1.0, np.inf]), "d": (math.nan, 2.5)}
+    assert json.loads(dumps_strict(report)) == {"a": None, "b": 3, "c": [1.0, None], "d": [None, 2.5]}

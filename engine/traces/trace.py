@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import InputError
 from ..request import Request
 
 # The largest token count a trace may hold: far past any context, and far from int64's
@@ -20,7 +21,7 @@ from ..request import Request
 MAX_TOKENS = 2**31 - 1
 
 
-class TraceError(ValueError):
+class TraceError(InputError):
     """A trace file or spec that cannot be used; the message names the file, line and fault."""
 
 
