@@ -164,9 +164,18 @@ class Recorder:
     def capacity(self):  # noqa: ANN201 - the live executor's Capacity
         return self.live.capacity
 
+    @property
+    def knobs(self) -> Knobs:
+        return self.live.knobs  # what runs (a refused switch is not in it)
+
+    @property
+    def runtime_notes(self) -> dict[str, str]:
+        return dict(getattr(self.live, "runtime_notes", {}))
+
     def apply_knobs(self, old: Knobs | None, new: Knobs) -> SwitchReport:
-        self.timer.apply_knobs(old, new)
-        return self.live.apply_knobs(old, new)
+        report = self.live.apply_knobs(old, new)
+        self.timer.apply_knobs(old, self.live.knobs.replace(reclaim=new.reclaim))  # what the live engine took up
+        return report
 
     def reference_decode_ms(self, attention: str) -> float:
         return self.live.reference_decode_ms(attention)

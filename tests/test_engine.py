@@ -6,9 +6,11 @@ import json
 import math
 import time
 
+import numpy as np
 import pytest
 import torch
 
+from autoopt.calibration.profile_clock import ProfileClockExecutor
 from autoopt.calibration.sim_executor import SimExecutor
 from autoopt.cli import main
 from autoopt.engine.engine import Engine, EngineConfig
@@ -209,13 +211,25 @@ def test_requests_the_loop_cannot_serve_are_refused(bad, match):
         Engine(_sim(), reqs, CPU_KNOBS)
 
 
-def test_a_refused_precision_switch_leaves_the_engine_reporting_what_runs(executor_factory):
+@pytest.mark.parametrize("on_profile_clock", [False, True])
+def test_a_refused_precision_switch_leaves_the_engine_reporting_what_runs(executor_factory, on_profile_clock):
     ex = executor_factory()
-    engine = Engine(ex, _requests(5), CPU_KNOBS)  # fp32
+    wrapped = ProfileClockExecutor(ex, "cpu-tiny") if on_profile_clock else ex  # as the live env runs it
+    engine = Engine(wrapped, _requests(5), CPU_KNOBS)  # fp32
     ex.inject_oom_next(where="precision")  # the cast runs out of memory, as on a full card
     report = engine.set_knobs(CPU_KNOBS.replace(precision="bf16", max_num_seqs=8))
     assert "precision" in report.not_applicable and "precision" not in report.changed
     assert engine.knobs.precision == "fp32" and engine.knobs.max_num_seqs == 8  # the rest applied
     assert ex.cache.dtype == torch.float32
+    if on_profile_clock:  # the clock predicts the precision that runs, and charged no cast
+        assert wrapped.timer.knobs.precision == "fp32" and "precision" not in report.cost_ms
     done = _run_checking_balance(engine)
     assert done["completed"] == 5
+
+
+def test_numpy_integer_lengths_are_served_and_a_report_mid_run_loses_nothing():
+    reqs = [Request(rid=i, arrival_s=i * 1e-3, prompt_len=np.int64(500), output_len=np.int32(4)) for i in range(10)]
+    engine = Engine(_sim(), reqs, CPU_KNOBS.replace(max_num_seqs=1))
+    engine.step()  # ~10 ms: the clock passes the other arrivals, which no step has taken up yet
+    report = engine.report()
+    assert report["arrived"] == 10 and report["lost"] == 0 and report["not_arrived"] == 0
