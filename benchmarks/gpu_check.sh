@@ -19,7 +19,8 @@ python -c "import torch; print(torch.__version__, torch.cuda.get_device_name() i
 python -m autoopt.cli replay "${common[@]}" --knobs benchmarks/knobs_best_static.json --report "$out/replay_static.json"
 python -m autoopt.cli replay "${common[@]}" --knobs benchmarks/knobs_best_static.json --policy policies/shipped/h100-gpt2-small --report "$out/replay_policy.json"
 python -m autoopt.cli replay "${common[@]}" --report "$out/replay_default.json"
-python -m autoopt.cli calibrate --model "$model" --device "$device" --quick --budget-s 120 --no-progress --out "$out/profile.json"
+python -m autoopt.cli calibrate --model "$model" --device "$device" --quick --budget-s 120 --no-progress --out "$out/profile.json" \
+  || echo "calibrate: rc=$? (continuing)"
 # a check that cannot run (rc 2: e.g. no rows, the budget cut the grid early) must not stop
 # the sim_vs_live step below: report it and go on
 for shipped in h100-gpt2-small-engine h100-gpt2-small; do

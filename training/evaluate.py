@@ -27,8 +27,7 @@ from ..engine.argtypes import nonneg_float, positive_float
 from ..engine.knob_space import KNOB_TABLES, knob_position
 from ..engine.strict_json import dumps_strict
 from ..engine.telemetry import SLO, IterationStats
-from ..engine.traces import load_trace
-from ..envs.scenario import Scenario, run_scenario
+from ..envs.scenario import Scenario, cached_trace, run_scenario
 
 BASELINES = ("default", "best-static", "aimd", "oracle")
 METRICS = ("goodput_rps", "slo_attainment", "ttft_p99_ms", "tpot_p99_ms", "tokens_per_s", "ooms", "rejected", "lost")
@@ -274,7 +273,7 @@ def evaluate_main(argv: list[str]) -> int:
         except argparse.ArgumentTypeError as exc:
             p.error(f"--scenario takes TRACE LOAD CAP_GIB, LOAD > 0 and CAP_GIB >= 0 (0: the whole device): {exc}")
     for t in dict.fromkeys(t for t, _, _ in grid):  # a bad trace is found now, not after the earlier scenarios
-        load_trace(t)
+        cached_trace(t)
     scenarios = [
         Scenario(
             trace=t,
