@@ -162,15 +162,14 @@ class RuntimePolicy:
     def decide_every(self) -> int:
         """Engine iterations per decision the policy was trained at (its env's
         `iterations_per_step`; 1 when the manifest does not say)."""
-        n = self._manifest.get("env_kwargs", {}).get("iterations_per_step", 1)
-        return n if isinstance(n, int) and n >= 1 else 1
+        return int(self._manifest.get("env_kwargs", {}).get("iterations_per_step", 1))  # checked at load
 
     @property
     def decide_every_s(self) -> float | None:
         """Engine-clock seconds per decision the policy was trained at (its env's `step_s`;
         None when it was trained on a count of iterations)."""
-        t = self._manifest.get("env_kwargs", {}).get("step_s")
-        return float(t) if isinstance(t, (int, float)) and math.isfinite(t) and t > 0 else None
+        t = self._manifest.get("env_kwargs", {}).get("step_s")  # checked at load
+        return None if t is None else float(t)
 
     @property
     def obs_dim(self) -> int:
