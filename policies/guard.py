@@ -8,7 +8,11 @@ the policy, and checks the answer before it reaches the engine:
   observation was not finite -> the last good knobs (or the fallback config) are kept;
 - an action the masks forbid (a kernel the device lacks, flash in fp32) -> the same;
 - a costly switch (precision, CUDA graphs, attention kernel: they recast weights or
-  recapture graphs) is held back to at most `max_costly_switches_per_s`.
+  recapture graphs) is held back to at most `max_costly_switches_per_s`;
+- a costly switch the engine refused (a precision cast out of memory on a full card: the
+  engine's knobs in force stay the old ones) is not asked for again for `refused_hold_s`
+  of engine time: each try costs a failed cast, and the policy, trained on a simulator
+  that never refuses, would ask again at every decision.
 With `decide_every` = n > 1 the policy is asked every n-th iteration, with `decide_every_s`
 = t at the first iteration t seconds (engine clock) after its last decision, and its knobs
 hold in between: the cadence it was trained at (the environment's `iterations_per_step`
@@ -27,7 +31,7 @@ import numpy as np
 
 from ..engine.features import FEATURE_NAMES, ObservationBuilder
 from ..engine.knob_space import ACTION_DIMS, action_mask, action_tables, decode_action
-from ..engine.knobs import Knobs
+from ..engine.knobs import KnobError, Knobs
 
 if TYPE_CHECKING:
     from ..engine.engine import Engine
@@ -50,6 +54,7 @@ class GuardedPolicy:
         max_costly_switches_per_s: float = 1.0,
         decide_every: int | None = None,
         decide_every_s: float | None = None,
+        refused_hold_s: float = 10.0,
     ) -> None:
         # None: the cadence the policy says it was trained at (a runtime policy's manifest),
         # else every iteration
@@ -63,6 +68,8 @@ class GuardedPolicy:
             raise ValueError(f"decide_every_s must be a positive number of seconds or None, got {decide_every_s!r}")
         if not (max_costly_switches_per_s >= 0 and math.isfinite(max_costly_switches_per_s)):
             raise ValueError("max_costly_switches_per_s must be a finite number >= 0")
+        if not (refused_hold_s >= 0 and math.isfinite(refused_hold_s)):
+            raise ValueError("refused_hold_s must be a finite number of seconds >= 0")
         # A policy file that declares its layout must match the engine's, or be refused now:
         # valid indices from another layout would silently mean other knobs.
         if hasattr(policy, "check_features") and hasattr(policy, "check_actions"):
@@ -83,6 +90,9 @@ class GuardedPolicy:
         self.decide_every_s = decide_every_s
         self._until_decision = 0
         self._next_decision_s = -math.inf
+        self.refused_hold_s = refused_hold_s
+        self.refused_switches = 0
+        self._refused_until: dict[tuple[str, object], float] = {}  # (knob, value) -> engine time
 
     def _fall_back(self, engine: Engine, reason: str) -> Knobs:
         self.fallbacks += 1
@@ -92,6 +102,7 @@ class GuardedPolicy:
 
     def __call__(self, engine: Engine) -> Knobs:
         if self.last_good is not None:
+            self._take_refusals(engine)
             if self.decide_every_s is not None:
                 hold = engine.now_s < self._next_decision_s
             else:
@@ -127,8 +138,27 @@ class GuardedPolicy:
         self.last_good = knobs
         return knobs
 
+    def _take_refusals(self, engine: Engine) -> None:
+        """The engine applies what the guard returns at once, so a costly knob of the last
+        answer that is not in force was refused: hold that value back, and answer with what
+        runs (else every held iteration would ask the engine for the switch again)."""
+        current = engine.knobs
+        refused = [k for k in COSTLY_KNOBS if getattr(self.last_good, k) != getattr(current, k)]
+        if not refused:
+            return
+        self.refused_switches += 1
+        for k in refused:
+            self._refused_until[(k, getattr(self.last_good, k))] = engine.now_s + self.refused_hold_s
+        self.last_good = self.last_good.replace(**{k: getattr(current, k) for k in refused})
+
     def _rate_limit(self, engine: Engine, knobs: Knobs) -> Knobs:
         current = engine.knobs
+        held = [k for k in COSTLY_KNOBS if self._refused_until.get((k, getattr(knobs, k)), -math.inf) > engine.now_s]
+        if held:  # a value refused a moment ago: keep what runs (with its kernel, if they go together)
+            try:
+                knobs = knobs.replace(**{k: getattr(current, k) for k in held})
+            except KnobError:
+                knobs = knobs.replace(**{k: getattr(current, k) for k in COSTLY_KNOBS})
         costly = [k for k in COSTLY_KNOBS if getattr(knobs, k) != getattr(current, k)]
         if not costly:
             return knobs

@@ -217,3 +217,27 @@ def test_guard_asks_a_runtime_policy_at_the_cadence_its_manifest_records():
     assert (told.decide_every, told.decide_every_s) == (4, 0.2)
     plain = GuardedPolicy(Counting(), "cpu")
     assert (plain.decide_every, plain.decide_every_s) == (1, None)
+
+
+@pytest.mark.parametrize("hold_s, precision_at_end", [(10.0, "fp32"), (0.0, "bf16")])
+def test_a_switch_the_engine_refused_is_not_asked_again_within_the_hold(hold_s, precision_at_end):
+    """A precision cast out of memory (the drill: one injected OOM) is refused by the engine;
+    the policy keeps asking for bf16. Within the hold the guard answers with what runs (fp32)
+    even between decisions, where it used to hand the engine the refused knobs every
+    iteration; with no hold the next decision tries again, and the cast now goes through."""
+    guard = GuardedPolicy(
+        Fixed(SAFE.replace(precision="bf16")),
+        "cpu",
+        fallback=SAFE,
+        decide_every=4,
+        max_costly_switches_per_s=1e9,
+        refused_hold_s=hold_s,
+    )
+    ex = TorchExecutor("tiny", device="cpu", max_slots=8)
+    reqs = [Request(rid=i, arrival_s=0.01 * i, prompt_len=16, output_len=4) for i in range(8)]
+    engine = Engine(ex, reqs, SAFE, controller=guard)
+    ex.inject_oom_next(where="precision")
+    report = engine.run()
+    assert guard.refused_switches == 1
+    assert report["knobs"]["precision"] == precision_at_end and ex.knobs.precision == precision_at_end
+    assert report["completed"] == report["arrived"] == 8
