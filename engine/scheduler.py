@@ -73,7 +73,11 @@ class Scheduler:
             total = r.prompt_len + r.output_len
             if total > capacity.max_kv_tokens or total > capacity.max_context:
                 self.queued_tokens -= r.context_len
-                self._reject(r, f"needs {total} KV tokens, the memory holds {capacity.max_kv_tokens}")
+                if total > capacity.max_context:
+                    why = f"needs {total} tokens of context, the model holds {capacity.max_context}"
+                else:
+                    why = f"needs {total} KV tokens, the memory holds {capacity.max_kv_tokens}"
+                self._reject(r, why)
             else:
                 keep.append(r)
         self.waiting = keep

@@ -186,7 +186,11 @@ def test_shrinking_kv_budget_rejects_queued_requests_that_no_longer_fit():
     s.add(big)
     s.set_capacity(Capacity(max_slots=64, max_context=512, max_kv_tokens=50))  # e.g. bf16 -> fp32
     assert big.state == RequestState.REJECTED and small.state == RequestState.WAITING
+    assert big.reject_reason == "needs 75 KV tokens, the memory holds 50"
     assert s.queued_tokens == 20 and s.balanced()
+    s.set_capacity(Capacity(max_slots=64, max_context=20, max_kv_tokens=1000))  # the reason is the context
+    assert small.state == RequestState.REJECTED
+    assert small.reject_reason == "needs 25 tokens of context, the model holds 20"
 
 
 def test_queue_timeout_rejects_only_requests_that_waited_too_long():
