@@ -27,6 +27,16 @@ from .request import Request, RequestState
 OOM_BACKOFF_RECOVERY = 1.0 / 64  # limits regain full size ~64 clean iterations after an OOM
 
 
+def _never_fits(request: Request, capacity: Capacity) -> str:
+    """Why `request` (prompt + output) can never run under `capacity`, or "" if it can."""
+    total = request.prompt_len + request.output_len
+    if total > capacity.max_context:
+        return f"needs {total} tokens of context, the model holds {capacity.max_context}"
+    if total > capacity.max_kv_tokens:
+        return f"needs {total} KV tokens, the memory holds {capacity.max_kv_tokens}"
+    return ""
+
+
 class Scheduler:
     """Owns the queue and the running set; every arrival ends in exactly one state."""
 
@@ -53,12 +63,9 @@ class Scheduler:
     def add(self, request: Request) -> None:
         """Queue an arrival, or reject it at once when no KV slot could ever hold it."""
         self.arrived += 1
-        total = request.prompt_len + request.output_len
-        if total > self.capacity.max_context:
-            self._reject(request, f"needs {total} tokens of context, the model holds {self.capacity.max_context}")
-            return
-        if total > self.capacity.max_kv_tokens:
-            self._reject(request, f"needs {total} KV tokens, the memory holds {self.capacity.max_kv_tokens}")
+        why = _never_fits(request, self.capacity)
+        if why:
+            self._reject(request, why)
             return
         request.state = RequestState.WAITING
         self.waiting.append(request)
@@ -70,13 +77,9 @@ class Scheduler:
         self.capacity = capacity
         keep: deque[Request] = deque()
         for r in self.waiting:
-            total = r.prompt_len + r.output_len
-            if total > capacity.max_kv_tokens or total > capacity.max_context:
+            why = _never_fits(r, capacity)
+            if why:
                 self.queued_tokens -= r.context_len
-                if total > capacity.max_context:
-                    why = f"needs {total} tokens of context, the model holds {capacity.max_context}"
-                else:
-                    why = f"needs {total} KV tokens, the memory holds {capacity.max_kv_tokens}"
                 self._reject(r, why)
             else:
                 keep.append(r)

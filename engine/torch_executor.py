@@ -62,6 +62,11 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:160] if text.strip() else type(exc).__name__
 
 
+def unused_kv_bytes(cache_bytes: int, kv_tokens: int, kv_bytes_per_token: int) -> int:
+    """Bytes of a preallocated KV cache that `kv_tokens` positions in use leave unused."""
+    return max(0, cache_bytes - kv_tokens * kv_bytes_per_token)
+
+
 def cap_memory_fraction(
     cap_bytes: int, total_bytes: int, cache_bytes: int, kv_tokens: int, kv_bytes_per_token: int
 ) -> float:
@@ -76,7 +81,7 @@ def cap_memory_fraction(
     simulator do). Adding the unused part of the preallocated cache to the cap gives the
     allocator the cap those count. At most 1 (the whole device).
     """
-    unused = max(0, cache_bytes - kv_tokens * kv_bytes_per_token)
+    unused = unused_kv_bytes(cache_bytes, kv_tokens, kv_bytes_per_token)
     return float(min(1.0, (cap_bytes + unused) / total_bytes))
 
 
@@ -540,8 +545,7 @@ class TorchExecutor:
         return held + sum(r.context_len for r in batch.prefill) + len(batch.decode)
 
     def _unused_kv_bytes(self, kv_tokens: int) -> int:
-        """Bytes of the preallocated KV cache that `kv_tokens` positions in use leave unused."""
-        return max(0, self.cache.nbytes - kv_tokens * self.cache.bytes_per_token())
+        return unused_kv_bytes(self.cache.nbytes, kv_tokens, self.cache.bytes_per_token())
 
     def _apply_cap(self, kv_tokens: int) -> None:
         """CUDA under a cap: the allocator's fraction for `kv_tokens` KV positions in use
