@@ -48,8 +48,10 @@ class LearnedPolicy:
         max_costly_switches_per_s: float = 1.0,
         decide_every: int | None = None,
         decide_every_s: float | None = None,
+        kernel_margin: float = 0.1,
     ) -> None:
         self.name = name
+        self.kernel_margin = kernel_margin
         self.decide_every, self.decide_every_s = decide_every, decide_every_s  # None: the actor's own
         self.actor = actor
         self.device_type = device_type
@@ -59,7 +61,13 @@ class LearnedPolicy:
 
     def reset(self) -> None:
         self.guard = GuardedPolicy(
-            self.actor, self.device_type, self.fallback, self.rate, self.decide_every, self.decide_every_s
+            self.actor,
+            self.device_type,
+            self.fallback,
+            self.rate,
+            self.decide_every,
+            self.decide_every_s,
+            kernel_margin=self.kernel_margin,
         )
 
     def knobs(self, obs: np.ndarray, engine: Engine) -> Knobs:

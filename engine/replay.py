@@ -68,6 +68,14 @@ def add_replay_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-switches-per-s", type=nonneg_float, default=1.0, help="with --policy: rate limit on costly switches"
     )
+    p.add_argument(
+        "--kernel-margin",
+        type=nonneg_float,
+        default=0.1,
+        help="with --policy: hold back a switch to an attention kernel the card probe timed more than this "
+        "fraction slower than the kernel in force (default 0.1)",
+    )
+    p.add_argument("--no-kernel-check", dest="kernel_margin", action="store_const", const=math.inf, help="no such hold")
     p.add_argument("--slo-ttft-ms", type=positive_float, default=1000.0)
     p.add_argument("--slo-tpot-ms", type=positive_float, default=100.0)
     p.add_argument("--clock", choices=("virtual", "realtime"), default="virtual")
@@ -112,6 +120,7 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
             device_type=executor.device_type,
             fallback=knobs,
             max_costly_switches_per_s=args.max_switches_per_s,
+            kernel_margin=args.kernel_margin,
         )
     engine = Engine(
         executor,
@@ -146,6 +155,7 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
     if controller is not None:
         report["fallbacks"] = controller.fallbacks
         report["fallback_reasons"] = dict(controller.reasons)
+        report["kernel_holds"] = controller.kernel_holds
     return report
 
 

@@ -12,7 +12,12 @@ the policy, and checks the answer before it reaches the engine:
 - a costly switch the engine refused (a precision cast out of memory on a full card: the
   engine's knobs in force stay the old ones) is not asked for again for `refused_hold_s`
   of engine time: each try costs a failed cast, and the policy, trained on a simulator
-  that never refuses, would ask again at every decision.
+  that never refuses, would ask again at every decision;
+- a switch to an attention kernel whose reference decode step the engine's card probe
+  timed more than `kernel_margin` slower than the kernel in force is held back. The
+  probe measured this card; the policy knows only its training cards, and can read an
+  unseen card's speed as another card's and take that card's kernel (the shipped policy,
+  on a card 3x slower than its profile, took cuDNN where flash ran 35% faster there).
 With `decide_every` = n > 1 the policy is asked every n-th iteration, with `decide_every_s`
 = t at the first iteration t seconds (engine clock) after its last decision, and its knobs
 hold in between: the cadence it was trained at (the environment's `iterations_per_step`
@@ -55,6 +60,7 @@ class GuardedPolicy:
         decide_every: int | None = None,
         decide_every_s: float | None = None,
         refused_hold_s: float = 10.0,
+        kernel_margin: float = 0.1,
     ) -> None:
         # None: the cadence the policy says it was trained at (a runtime policy's manifest),
         # else every iteration
@@ -70,6 +76,8 @@ class GuardedPolicy:
             raise ValueError("max_costly_switches_per_s must be a finite number >= 0")
         if not (refused_hold_s >= 0 and math.isfinite(refused_hold_s)):
             raise ValueError("refused_hold_s must be a finite number of seconds >= 0")
+        if not kernel_margin >= 0:  # inf: never hold a kernel back
+            raise ValueError(f"kernel_margin must be a number >= 0 (inf: no check), got {kernel_margin!r}")
         # A policy file that declares its layout must match the engine's, or be refused now:
         # valid indices from another layout would silently mean other knobs.
         if hasattr(policy, "check_features") and hasattr(policy, "check_actions"):
@@ -93,6 +101,8 @@ class GuardedPolicy:
         self.refused_hold_s = refused_hold_s
         self.refused_switches = 0
         self._refused_until: dict[tuple[str, object], float] = {}  # (knob, value) -> engine time
+        self.kernel_margin = kernel_margin
+        self.kernel_holds = 0
 
     def _fall_back(self, engine: Engine, reason: str) -> Knobs:
         self.fallbacks += 1
@@ -134,7 +144,7 @@ class GuardedPolicy:
         knobs, repairs = decode_action(action.astype(np.int64), self.device_type, current=engine.knobs)
         if repairs:
             return self._fall_back(engine, "action invalid for the device")
-        knobs = self._rate_limit(engine, knobs)
+        knobs = self._rate_limit(engine, self._check_kernel(engine, knobs))
         self.last_good = knobs
         return knobs
 
@@ -150,6 +160,20 @@ class GuardedPolicy:
         for k in refused:
             self._refused_until[(k, getattr(self.last_good, k))] = engine.now_s + self.refused_hold_s
         self.last_good = self.last_good.replace(**{k: getattr(current, k) for k in refused})
+
+    def _check_kernel(self, engine: Engine, knobs: Knobs) -> Knobs:
+        """Keep the kernel in force over one the card probe timed slower by more than the margin."""
+        current = engine.knobs
+        card = engine.card or {}  # no probe (an engine built without one): nothing to check
+        new, old = card.get(knobs.attention), card.get(current.attention)
+        if knobs.attention == current.attention or new is None or old is None:
+            return knobs
+        if not new > old * (1.0 + self.kernel_margin):
+            return knobs
+        self.kernel_holds += 1
+        # the masks already keep the kernel in force runnable at the asked precision (from a
+        # half-only kernel, only half precisions may be asked for)
+        return knobs.replace(attention=current.attention)
 
     def _rate_limit(self, engine: Engine, knobs: Knobs) -> Knobs:
         current = engine.knobs

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
 
+from autoopt.agents.learned import LearnedPolicy
 from autoopt.cli import main
 from autoopt.engine.engine import Engine
 from autoopt.engine.knob_space import ACTION_DIMS, LIMIT_MOVES, knobs_to_action
 from autoopt.engine.knobs import Knobs
 from autoopt.engine.request import Request
+from autoopt.engine.telemetry import SLO
 from autoopt.engine.torch_executor import TorchExecutor
+from autoopt.envs.scenario import Scenario, build_engine
 from autoopt.policies import resolve_policy
 from autoopt.policies.guard import GuardedPolicy
 from autoopt.policies.runtime import RuntimePolicy
+from autoopt.training.evaluate import run_policy
 
 SAFE = Knobs(attention="math", precision="fp32", max_num_seqs=8)
 
@@ -241,3 +246,70 @@ def test_a_switch_the_engine_refused_is_not_asked_again_within_the_hold(hold_s, 
     assert guard.refused_switches == 1
     assert report["knobs"]["precision"] == precision_at_end and ex.knobs.precision == precision_at_end
     assert report["completed"] == report["arrived"] == 8
+
+
+FLASH = Knobs(attention="flash", precision="bf16", cuda_graphs=True, max_num_seqs=32)
+
+
+def _sim_engine(profile: str, guard: GuardedPolicy, time_scale: float = 1.0) -> Engine:
+    s = Scenario(
+        "azure-conv", load_scale=8.0, memory_cap_gib=8.0, profile=profile, duration_s=5.0, time_scale=time_scale
+    )
+    return build_engine(s, SLO(0.5, 0.02), FLASH, controller=guard)
+
+
+@pytest.mark.parametrize(
+    "profile, margin, runs",
+    [
+        ("h100-gpt2-small", 0.1, "flash"),  # the probe timed cuDNN 35% slower than flash on this card
+        ("h100-gpt2-small", math.inf, "cudnn"),  # no check: the policy's word
+        ("h100-gpt2-small-engine", 0.1, "cudnn"),  # on this card cuDNN is the faster: let through
+    ],
+)
+def test_a_switch_to_a_kernel_the_card_probe_timed_slower_is_held_back(profile, margin, runs):
+    guard = GuardedPolicy(Fixed(FLASH.replace(attention="cudnn")), "cuda", fallback=FLASH, kernel_margin=margin)
+    engine = _sim_engine(profile, guard)
+    for _ in range(30):
+        engine.step()
+    assert engine.knobs.attention == runs
+    assert guard.kernel_holds == (30 if runs == "flash" else 0)
+    assert engine.knobs.cuda_graphs and engine.knobs.precision == "bf16"
+
+
+def test_a_held_kernel_holds_alone():
+    """Efficient in fp16 and 64 sequences, from flash in bf16, with no margin: efficient's
+    reference step is a little slower, so flash stays; the precision and the batch limits
+    follow the policy."""
+    asked = FLASH.replace(attention="efficient", precision="fp16")
+    guard = GuardedPolicy(Fixed(asked), "cuda", fallback=FLASH, kernel_margin=0.0)
+    engine = _sim_engine("h100-gpt2-small", guard)
+    assert engine.card["efficient"] > engine.card["flash"]
+    engine.step()
+    assert engine.knobs == asked.replace(attention="flash") and guard.kernel_holds == 1
+
+
+def test_the_shipped_policy_on_a_card_3x_slower_keeps_the_kernel_the_probe_found_faster():
+    """On the shared H100 profile run 3x slower, the shipped policy reads the card as the slow
+    card it trained on and asks for that card's kernel (cuDNN), which the probe timed 35%
+    slower than flash here: the check keeps flash, and the batches it sets serve far more."""
+    s = Scenario("azure-conv", load_scale=22 / 3, memory_cap_gib=8.0, duration_s=30.0, time_scale=3.0)
+    slo = SLO(0.5, 0.02)
+    actor = RuntimePolicy.load(resolve_policy("h100-gpt2-small"))
+    runs = {}
+    for margin in (0.1, math.inf):
+        policy = LearnedPolicy(actor, "cuda", kernel_margin=margin)
+        report, series = run_policy(policy, s, slo, seed=0)
+        runs[margin] = (report, policy.guard, series)
+    (checked, guard, _), (free, unchecked, _) = runs[0.1], runs[math.inf]
+    assert guard.kernel_holds > 0 and unchecked.kernel_holds == 0
+    assert checked["knobs"]["attention"] == "flash" and free["knobs"]["attention"] == "cudnn"
+    assert checked["goodput_rps"] > 2 * free["goodput_rps"]
+    for report in (checked, free):
+        assert report["lost"] == 0
+        assert report["arrived"] == report["completed"] + report["queued"] + report["running"] + report["rejected"]
+
+
+@pytest.mark.parametrize("margin", [-0.1, float("nan")])
+def test_a_bad_kernel_margin_is_refused(margin):
+    with pytest.raises(ValueError, match="kernel_margin"):
+        GuardedPolicy(Fixed(SAFE), "cpu", kernel_margin=margin)

@@ -149,7 +149,9 @@ def evaluate(
         print(file=sys.stderr)
     policies: dict[str, Any] = {}
     if learned is not None:
-        policies[learned["name"]] = lambda s: LearnedPolicy(learned["actor"], device, name=learned["name"])
+        policies[learned["name"]] = lambda s: LearnedPolicy(
+            learned["actor"], device, name=learned["name"], kernel_margin=learned.get("kernel_margin", 0.1)
+        )
     for b in baselines:
         if b == "default":
             policies[b] = lambda s: default_policy()
@@ -165,12 +167,15 @@ def evaluate(
     for s in scenarios:
         for name, make in policies.items():
             print(f"  {s.label()}: {name}", file=sys.stderr)
-            rep, series = run_policy(make(s), s, slo, seed, backend)
+            policy = make(s)
+            rep, series = run_policy(policy, s, slo, seed, backend)
+            guard = getattr(policy, "guard", None)
             row = {
                 "scenario": s.label(),
                 "policy": name,
                 **{m: rep[m] for m in METRICS},
                 "fallbacks": rep.get("fallbacks", 0),
+                "kernel_holds": None if guard is None else guard.kernel_holds,
                 "series": series.to_json(),
             }
             results.append(row)
@@ -254,12 +259,20 @@ def evaluate_main(argv: list[str]) -> int:
         "scale, switch costs do not)",
     )
     p.add_argument("--best-static-on", choices=("train", "eval"), default="train")
+    p.add_argument(
+        "--kernel-margin",
+        type=nonneg_float,
+        default=0.1,
+        help="the learned policy's guard: hold back a switch to an attention kernel the card probe timed more than this "
+        "fraction slower than the kernel in force (default 0.1)",
+    )
+    p.add_argument("--no-kernel-check", dest="kernel_margin", action="store_const", const=math.inf, help="no such hold")
     p.add_argument("--backend", choices=("sim", "live"), default="sim")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report", type=Path, default=None)
     p.add_argument("--plots", type=Path, default=None)
     a = p.parse_args(argv)
-    learned = None if a.policy == "none" else load_learned(a.policy)
+    learned = None if a.policy == "none" else load_learned(a.policy) | {"kernel_margin": a.kernel_margin}
     env_kwargs = learned["actor"].manifest.get("env_kwargs", {}) if learned else {}
     slo = SLO(
         (a.slo_ttft_ms or env_kwargs.get("slo_ttft_ms", 1000.0)) / 1e3,
