@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..engine.knobs import Knobs
-from ..policies.guard import GuardedPolicy, Policy
+from ..policies.guard import KERNEL_MARGIN, GuardedPolicy, Policy
 
 if TYPE_CHECKING:
     from ..engine.engine import Engine
@@ -48,7 +48,7 @@ class LearnedPolicy:
         max_costly_switches_per_s: float = 1.0,
         decide_every: int | None = None,
         decide_every_s: float | None = None,
-        kernel_margin: float = 0.1,
+        kernel_margin: float = KERNEL_MARGIN,
     ) -> None:
         self.name = name
         self.kernel_margin = kernel_margin

@@ -34,6 +34,8 @@ SUMMARY_FIELDS = (
 
 
 def add_replay_args(p: argparse.ArgumentParser) -> None:
+    from ..policies.guard import add_kernel_check_args  # the policy side, only for its flags
+
     p.add_argument(
         "--trace",
         default="azure-conv",
@@ -68,14 +70,7 @@ def add_replay_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-switches-per-s", type=nonneg_float, default=1.0, help="with --policy: rate limit on costly switches"
     )
-    p.add_argument(
-        "--kernel-margin",
-        type=nonneg_float,
-        default=0.1,
-        help="with --policy: hold back a switch to an attention kernel the card probe timed more than this "
-        "fraction slower than the kernel in force (default 0.1)",
-    )
-    p.add_argument("--no-kernel-check", dest="kernel_margin", action="store_const", const=math.inf, help="no such hold")
+    add_kernel_check_args(p, "with --policy")
     p.add_argument("--slo-ttft-ms", type=positive_float, default=1000.0)
     p.add_argument("--slo-tpot-ms", type=positive_float, default=100.0)
     p.add_argument("--clock", choices=("virtual", "realtime"), default="virtual")

@@ -28,12 +28,14 @@ so a failing policy can at worst leave the engine on a safe static config.
 
 from __future__ import annotations
 
+import argparse
 import math
 from collections import Counter
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from ..engine.argtypes import nonneg_float
 from ..engine.features import FEATURE_NAMES, ObservationBuilder
 from ..engine.knob_space import ACTION_DIMS, action_mask, action_tables, decode_action
 from ..engine.knobs import KnobError, Knobs
@@ -42,6 +44,21 @@ if TYPE_CHECKING:
     from ..engine.engine import Engine
 
 COSTLY_KNOBS = ("precision", "cuda_graphs", "attention")
+KERNEL_MARGIN = 0.1  # room for a live probe's timing noise; set beforehand, not tuned
+
+
+def add_kernel_check_args(p: argparse.ArgumentParser, whose: str) -> None:
+    """`--kernel-margin M` and `--no-kernel-check`, for the CLIs that run a policy behind the guard."""
+    p.add_argument(
+        "--kernel-margin",
+        type=nonneg_float,
+        default=KERNEL_MARGIN,
+        help=f"{whose}: hold back a switch to an attention kernel the card probe timed more than this "
+        f"fraction slower than the kernel in force (default {KERNEL_MARGIN})",
+    )
+    p.add_argument(
+        "--no-kernel-check", dest="kernel_margin", action="store_const", const=math.inf, help="no kernel check"
+    )
 
 
 class Policy(Protocol):
@@ -60,7 +77,7 @@ class GuardedPolicy:
         decide_every: int | None = None,
         decide_every_s: float | None = None,
         refused_hold_s: float = 10.0,
-        kernel_margin: float = 0.1,
+        kernel_margin: float = KERNEL_MARGIN,
     ) -> None:
         # None: the cadence the policy says it was trained at (a runtime policy's manifest),
         # else every iteration

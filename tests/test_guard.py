@@ -126,7 +126,7 @@ def test_replay_cli_with_the_shipped_policy(tmp_path):
     assert rc == 0 and report["balanced"]
     assert report["arrived"] == report["completed"] + report["queued"] + report["running"] + report["rejected"]
     assert report["knobs"]["cuda_graphs"] is False  # the CPU masks held
-    assert "fallbacks" in report
+    assert "fallbacks" in report and report["kernel_holds"] >= 0
     # the policy read the card: the CPU runs math and flash, not the CUDA-only kernels
     card = report["card_ms"]
     assert card["math"] > 0 and card["flash"] > 0 and card["cudnn"] is None
@@ -313,3 +313,10 @@ def test_the_shipped_policy_on_a_card_3x_slower_keeps_the_kernel_the_probe_found
 def test_a_bad_kernel_margin_is_refused(margin):
     with pytest.raises(ValueError, match="kernel_margin"):
         GuardedPolicy(Fixed(SAFE), "cpu", kernel_margin=margin)
+
+
+@pytest.mark.parametrize("command", ["replay", "evaluate"])
+def test_the_cli_refuses_a_negative_kernel_margin(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--kernel-margin", "-0.5"])
+    assert exit_.value.code == 2 and "--kernel-margin" in capsys.readouterr().err

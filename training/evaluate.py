@@ -28,6 +28,7 @@ from ..engine.knob_space import KNOB_TABLES, knob_position
 from ..engine.strict_json import dumps_strict
 from ..engine.telemetry import SLO, IterationStats
 from ..envs.scenario import Scenario, cached_trace, run_scenario
+from ..policies.guard import KERNEL_MARGIN, add_kernel_check_args
 
 BASELINES = ("default", "best-static", "aimd", "oracle")
 METRICS = ("goodput_rps", "slo_attainment", "ttft_p99_ms", "tpot_p99_ms", "tokens_per_s", "ooms", "rejected", "lost")
@@ -150,7 +151,7 @@ def evaluate(
     policies: dict[str, Any] = {}
     if learned is not None:
         policies[learned["name"]] = lambda s: LearnedPolicy(
-            learned["actor"], device, name=learned["name"], kernel_margin=learned.get("kernel_margin", 0.1)
+            learned["actor"], device, name=learned["name"], kernel_margin=learned.get("kernel_margin", KERNEL_MARGIN)
         )
     for b in baselines:
         if b == "default":
@@ -259,14 +260,7 @@ def evaluate_main(argv: list[str]) -> int:
         "scale, switch costs do not)",
     )
     p.add_argument("--best-static-on", choices=("train", "eval"), default="train")
-    p.add_argument(
-        "--kernel-margin",
-        type=nonneg_float,
-        default=0.1,
-        help="the learned policy's guard: hold back a switch to an attention kernel the card probe timed more than this "
-        "fraction slower than the kernel in force (default 0.1)",
-    )
-    p.add_argument("--no-kernel-check", dest="kernel_margin", action="store_const", const=math.inf, help="no such hold")
+    add_kernel_check_args(p, "the learned policy's guard")
     p.add_argument("--backend", choices=("sim", "live"), default="sim")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report", type=Path, default=None)
