@@ -17,7 +17,8 @@ the policy, and checks the answer before it reaches the engine:
   timed more than `kernel_margin` slower than the kernel in force is held back. The
   probe measured this card; the policy knows only its training cards, and can read an
   unseen card's speed as another card's and take that card's kernel (the shipped policy,
-  on a card 3x slower than its profile, took cuDNN where flash ran 35% faster there).
+  on a card 3x slower than its profile, took cuDNN, which the probe timed 35% slower than
+  flash there). `kernel_holds` counts the decisions it changed.
 With `decide_every` = n > 1 the policy is asked every n-th iteration, with `decide_every_s`
 = t at the first iteration t seconds (engine clock) after its last decision, and its knobs
 hold in between: the cadence it was trained at (the environment's `iterations_per_step`
@@ -49,16 +50,22 @@ KERNEL_MARGIN = 0.1  # room for a live probe's timing noise; set beforehand, not
 
 def add_kernel_check_args(p: argparse.ArgumentParser, whose: str) -> None:
     """`--kernel-margin M` and `--no-kernel-check`, for the CLIs that run a policy behind the guard."""
-    p.add_argument(
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
         "--kernel-margin",
         type=nonneg_float,
         default=KERNEL_MARGIN,
         help=f"{whose}: hold back a switch to an attention kernel the card probe timed more than this "
         f"fraction slower than the kernel in force (default {KERNEL_MARGIN})",
     )
-    p.add_argument(
+    group.add_argument(
         "--no-kernel-check", dest="kernel_margin", action="store_const", const=math.inf, help="no kernel check"
     )
+
+
+def margin_record(margin: float) -> float | None:
+    """The margin as a report records it: None when the check is off."""
+    return margin if math.isfinite(margin) else None
 
 
 class Policy(Protocol):

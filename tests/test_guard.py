@@ -126,7 +126,7 @@ def test_replay_cli_with_the_shipped_policy(tmp_path):
     assert rc == 0 and report["balanced"]
     assert report["arrived"] == report["completed"] + report["queued"] + report["running"] + report["rejected"]
     assert report["knobs"]["cuda_graphs"] is False  # the CPU masks held
-    assert "fallbacks" in report and report["kernel_holds"] >= 0
+    assert "fallbacks" in report and report["kernel_margin"] == 0.1 and report["kernel_holds"] >= 0
     # the policy read the card: the CPU runs math and flash, not the CUDA-only kernels
     card = report["card_ms"]
     assert card["math"] > 0 and card["flash"] > 0 and card["cudnn"] is None
@@ -251,11 +251,9 @@ def test_a_switch_the_engine_refused_is_not_asked_again_within_the_hold(hold_s, 
 FLASH = Knobs(attention="flash", precision="bf16", cuda_graphs=True, max_num_seqs=32)
 
 
-def _sim_engine(profile: str, guard: GuardedPolicy, time_scale: float = 1.0) -> Engine:
-    s = Scenario(
-        "azure-conv", load_scale=8.0, memory_cap_gib=8.0, profile=profile, duration_s=5.0, time_scale=time_scale
-    )
-    return build_engine(s, SLO(0.5, 0.02), FLASH, controller=guard)
+def _sim_engine(profile: str, guard: GuardedPolicy, knobs: Knobs = FLASH) -> Engine:
+    s = Scenario("azure-conv", load_scale=8.0, memory_cap_gib=8.0, profile=profile, duration_s=5.0)
+    return build_engine(s, SLO(0.5, 0.02), knobs, controller=guard)
 
 
 @pytest.mark.parametrize(
@@ -274,6 +272,31 @@ def test_a_switch_to_a_kernel_the_card_probe_timed_slower_is_held_back(profile, 
     assert engine.knobs.attention == runs
     assert guard.kernel_holds == (30 if runs == "flash" else 0)
     assert engine.knobs.cuda_graphs and engine.knobs.precision == "bf16"
+
+
+def test_the_bar_is_the_kernel_in_force():
+    """From math, cuDNN is faster on this card and goes through, though flash (the fallback)
+    is faster still; then a switch back to math, far slower than cuDNN, is held."""
+    math_in_force = FLASH.replace(attention="math", cuda_graphs=False)
+
+    class CudnnThenMath:
+        def __init__(self):
+            self.n = 0
+
+        def act(self, obs, mask=None):
+            self.n += 1
+            kernel = "cudnn" if self.n <= 3 else "math"
+            return knobs_to_action(math_in_force.replace(attention=kernel))
+
+    guard = GuardedPolicy(CudnnThenMath(), "cuda", fallback=FLASH, kernel_margin=0.1, max_costly_switches_per_s=1e9)
+    engine = _sim_engine("h100-gpt2-small", guard, math_in_force)
+    card = engine.card
+    assert card["flash"] * 1.1 < card["cudnn"] < card["math"]
+    engine.step()
+    assert engine.knobs.attention == "cudnn" and guard.kernel_holds == 0
+    for _ in range(5):
+        engine.step()
+    assert engine.knobs.attention == "cudnn" and guard.kernel_holds == 3
 
 
 def test_a_held_kernel_holds_alone():
@@ -320,3 +343,26 @@ def test_the_cli_refuses_a_negative_kernel_margin(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--kernel-margin", "-0.5"])
     assert exit_.value.code == 2 and "--kernel-margin" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, margin, held",
+    [([], 0.1, True), (["--kernel-margin", "0.5"], 0.5, False), (["--no-kernel-check"], None, False)],
+)
+def test_the_evaluate_flags_reach_the_guard(tmp_path, flags, margin, held):
+    """The shipped policy on a card 3x slower asks for cuDNN, which the probe timed 35%
+    slower than flash there: held at a margin of 0.1, let through at 0.5 or with no check;
+    the report says which margin ran."""
+    out = tmp_path / "e.json"
+    argv = ["evaluate", "--policy", "h100-gpt2-small", "--baselines", "", "--time-scale", "3", "--duration", "10"]
+    rc = main(argv + ["--scenario", "azure-conv", "7.333", "8", "--report", str(out), *flags])
+    report = json.loads(out.read_text())
+    (row,) = report["results"]
+    assert rc == 0 and report["kernel_margin"] == margin
+    assert (row["kernel_holds"] > 0) == held
+
+
+def test_the_kernel_flags_exclude_each_other(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["evaluate", "--no-kernel-check", "--kernel-margin", "0.2"])
+    assert exit_.value.code == 2 and "not allowed with" in capsys.readouterr().err

@@ -28,7 +28,7 @@ from ..engine.knob_space import KNOB_TABLES, knob_position
 from ..engine.strict_json import dumps_strict
 from ..engine.telemetry import SLO, IterationStats
 from ..envs.scenario import Scenario, cached_trace, run_scenario
-from ..policies.guard import KERNEL_MARGIN, add_kernel_check_args
+from ..policies.guard import KERNEL_MARGIN, add_kernel_check_args, margin_record
 
 BASELINES = ("default", "best-static", "aimd", "oracle")
 METRICS = ("goodput_rps", "slo_attainment", "ttft_p99_ms", "tpot_p99_ms", "tokens_per_s", "ooms", "rejected", "lost")
@@ -186,6 +186,8 @@ def evaluate(
         "backend": backend,
         "scenarios": [s.to_dict() | {"label": s.label()} for s in scenarios],
         "best_static": search.knobs.to_dict() if search else None,
+        # the learned policy's guard: its kernel check (None: off)
+        "kernel_margin": margin_record(learned.get("kernel_margin", KERNEL_MARGIN)) if learned else None,
         "results": results,
     }
 
