@@ -106,7 +106,7 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
     controller = None
     if args.policy is not None:
         from ..policies import resolve_policy
-        from ..policies.guard import GuardedPolicy, margin_record
+        from ..policies.guard import GuardedPolicy
         from ..policies.runtime import RuntimePolicy
 
         policy = RuntimePolicy.load(resolve_policy(args.policy))
@@ -150,7 +150,7 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
     if controller is not None:
         report["fallbacks"] = controller.fallbacks
         report["fallback_reasons"] = dict(controller.reasons)
-        report["kernel_margin"] = margin_record(controller.kernel_margin)
+        report["kernel_margin"] = controller.kernel_margin  # inf (null in JSON): no check
         report["kernel_holds"] = controller.kernel_holds
     return report
 

@@ -63,11 +63,6 @@ def add_kernel_check_args(p: argparse.ArgumentParser, whose: str) -> None:
     )
 
 
-def margin_record(margin: float) -> float | None:
-    """The margin as a report records it: None when the check is off."""
-    return margin if math.isfinite(margin) else None
-
-
 class Policy(Protocol):
     def act(self, obs: np.ndarray, mask: np.ndarray | None = None) -> Any: ...
 
@@ -188,7 +183,7 @@ class GuardedPolicy:
     def _check_kernel(self, engine: Engine, knobs: Knobs) -> Knobs:
         """Keep the kernel in force over one the card probe timed slower by more than the margin."""
         current = engine.knobs
-        card = engine.card or {}  # no probe (an engine built without one): nothing to check
+        card = engine.card  # the observation needs it: an engine without a probe got no answer
         new, old = card.get(knobs.attention), card.get(current.attention)
         if knobs.attention == current.attention or new is None or old is None:
             return knobs

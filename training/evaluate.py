@@ -28,7 +28,7 @@ from ..engine.knob_space import KNOB_TABLES, knob_position
 from ..engine.strict_json import dumps_strict
 from ..engine.telemetry import SLO, IterationStats
 from ..envs.scenario import Scenario, cached_trace, run_scenario
-from ..policies.guard import KERNEL_MARGIN, add_kernel_check_args, margin_record
+from ..policies.guard import KERNEL_MARGIN, add_kernel_check_args
 
 BASELINES = ("default", "best-static", "aimd", "oracle")
 METRICS = ("goodput_rps", "slo_attainment", "ttft_p99_ms", "tpot_p99_ms", "tokens_per_s", "ooms", "rejected", "lost")
@@ -149,9 +149,10 @@ def evaluate(
         )
         print(file=sys.stderr)
     policies: dict[str, Any] = {}
+    margin = None if learned is None else learned.get("kernel_margin", KERNEL_MARGIN)  # the guard's kernel check
     if learned is not None:
         policies[learned["name"]] = lambda s: LearnedPolicy(
-            learned["actor"], device, name=learned["name"], kernel_margin=learned.get("kernel_margin", KERNEL_MARGIN)
+            learned["actor"], device, name=learned["name"], kernel_margin=margin
         )
     for b in baselines:
         if b == "default":
@@ -186,8 +187,7 @@ def evaluate(
         "backend": backend,
         "scenarios": [s.to_dict() | {"label": s.label()} for s in scenarios],
         "best_static": search.knobs.to_dict() if search else None,
-        # the learned policy's guard: its kernel check (None: off)
-        "kernel_margin": margin_record(learned.get("kernel_margin", KERNEL_MARGIN)) if learned else None,
+        "kernel_margin": margin,  # inf (null in JSON): no check
         "results": results,
     }
 
