@@ -12,6 +12,12 @@ And the largest batch, and the largest length or context, held out in turn, fitt
 rows below it: what the model does beyond the range a profile measured ("extrapolated").
 
     .venv/bin/python benchmarks/latency_loo.py [DATA_DIR]      (default ../shared/data/h100)
+    .venv/bin/python benchmarks/latency_loo.py --prefill P.jsonl --decode D.jsonl
+
+Any pair of files in that format will do, e.g. the engine's own H100 measurements
+(`calibration/measured/h100-engine-{prefill,decode}.jsonl`): a second card's worth of rows,
+taken another way (wall clock around the engine's paths), which the model's shape was not
+designed on.
 """
 
 from __future__ import annotations
@@ -43,13 +49,19 @@ def mape(errors: list[float]) -> float:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("data", nargs="?", type=Path, default=DEFAULT_DATA, help=f"default {DEFAULT_DATA}")
+    ap.add_argument("--prefill", type=Path, default=None, help="prefill rows (default DATA_DIR/prefill.jsonl)")
+    ap.add_argument("--decode", type=Path, default=None, help="decode rows (default DATA_DIR/decode.jsonl)")
     ap.add_argument("--worst", type=int, default=5, help="show this many worst rows per file")
     args = ap.parse_args(argv)
-    files = {kind: args.data / f"{kind}.jsonl" for kind in ("prefill", "decode")}
+    given = {"prefill": args.prefill, "decode": args.decode}
+    files = {kind: given[kind] or args.data / f"{kind}.jsonl" for kind in ("prefill", "decode")}
     missing = [str(p) for p in files.values() if not p.exists()]
     if missing:
         print(f"error: measurement file(s) not found: {', '.join(missing)}", file=sys.stderr)
-        print("give the folder with prefill.jsonl and decode.jsonl as the first argument", file=sys.stderr)
+        print(
+            "give the folder with prefill.jsonl and decode.jsonl as the first argument, or --prefill and --decode",
+            file=sys.stderr,
+        )
         return 2
 
     rows_by_kind = {kind: read_jsonl(path) for kind, path in files.items()}
