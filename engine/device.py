@@ -85,8 +85,9 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def allocator_settings_string(name: str) -> str:
-    """The PyTorch allocator-settings string of a named config.
+def allocator_settings_string(name: str, gc_threshold: float | None = None) -> str:
+    """The PyTorch allocator-settings string of a named config (`gc_threshold`: the garbage
+    collection threshold to write instead of the config's own, for a config that has one).
 
     PyTorch resets max_split_size_mb, garbage_collection_threshold and
     roundup_power2_divisions to their defaults on every call that does not name them, so
@@ -97,18 +98,31 @@ def allocator_settings_string(name: str) -> str:
     if s["max_split_size_mb"] is not None:
         parts.append(f"max_split_size_mb:{s['max_split_size_mb']}")
     if s["garbage_collection_threshold"] is not None:
-        parts.append(f"garbage_collection_threshold:{s['garbage_collection_threshold']}")
+        t = s["garbage_collection_threshold"] if gc_threshold is None else gc_threshold
+        parts.append(f"garbage_collection_threshold:{t:g}")
     return ",".join(parts)
 
 
-def apply_allocator(name: str) -> tuple[float, str]:
+def capped_gc_threshold(threshold: float, cap_bytes: int, unused_bytes: int, allowed_bytes: float) -> float:
+    """The allocator's garbage-collection threshold that collects at `threshold` x the cap.
+
+    Why: PyTorch collects once its reserved bytes pass threshold x the memory fraction's
+    allowed bytes, and under a cap that allowance also holds the unused part of the
+    preallocated KV cache (`cap_memory_fraction`), which counts as reserved. The config's
+    own threshold would then collect long before the cap's memory (weights + KV in use +
+    activations + cached blocks) is at `threshold` of it. Kept inside (0, 1), as PyTorch asks.
+    """
+    return min(0.999, max(0.001, (threshold * cap_bytes + unused_bytes) / allowed_bytes))
+
+
+def apply_allocator(name: str, gc_threshold: float | None = None) -> tuple[float, str]:
     """Set the CUDA caching allocator to the named config at run time: (ms, why refused or '').
 
     Tries `torch._C._accelerator_setAllocatorSettings` (the current name), else the
     deprecated `torch.cuda.memory._set_allocator_settings`. New settings act on segments
     made from then on; segments already cached keep their kind until emptied.
     """
-    settings = allocator_settings_string(name)
+    settings = allocator_settings_string(name, gc_threshold)
     setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings
     t0 = time.perf_counter()
     try:

@@ -356,12 +356,16 @@ def round_ctx(needed: int, limit: int) -> int:
 
 
 def resolve_kernel(
-    requested: str, device: torch.device, dtype: torch.dtype, head_dim: int, masked: bool
+    requested: str, device: torch.device, dtype: torch.dtype, head_dim: int, masked: bool, context: int = 64
 ) -> tuple[str, str]:
     """The SDPA kernel that really runs for `requested`, and why it differs ('' if not).
 
-    Probes SDPA on a tiny input of the real dtype and head size (why: which kernel accepts
-    a mask, a dtype or a head size depends on the build and the card). Fallbacks: flash
+    Probes SDPA with two heads of the real dtype and head size, at the shapes the engine
+    calls it with up to `context` (the executor's max_context) positions: prefill of 8 and
+    of `context` tokens, and masked decode of one query against the shortest and the full
+    span, sliced from a larger cache as the engine's are (why: which kernel accepts a
+    mask, a dtype, a head size or a sequence length depends on the build and the card, and
+    a kernel refused mid-serving would end the run). Fallbacks: flash
     refuses an arbitrary mask on CUDA, so masked decode runs 'efficient'; the CPU has only
     flash and math, so 'efficient'/'cudnn' run 'flash' there.
     """
@@ -371,7 +375,7 @@ def resolve_kernel(
         chain = [requested] + [k for k in ("flash", "math") if k != requested]
     first_error = ""
     for name in chain:
-        err = _probe(name, device, dtype, head_dim, masked)
+        err = _probe(name, device, dtype, head_dim, masked, context)
         if not err:
             if name == requested:
                 return name, ""
@@ -383,18 +387,34 @@ def resolve_kernel(
     raise RuntimeError(f"no SDPA kernel runs on {device} in {dtype}: {first_error}")
 
 
-def _probe(name: str, device: torch.device, dtype: torch.dtype, head_dim: int, masked: bool) -> str:
+def _probe(name: str, device: torch.device, dtype: torch.dtype, head_dim: int, masked: bool, context: int) -> str:
     if device.type != "cuda" and name in ("efficient", "cudnn"):
         return f"the {name!r} kernel exists only on CUDA"
-    q = torch.randn(2, 2, 1 if masked else 8, head_dim, device=device, dtype=dtype)
-    k = torch.randn(2, 2, 64, head_dim, device=device, dtype=dtype)
-    if not masked:
-        k = k[:, :, :8]
-    mask = torch.ones(2, 1, 1, 64, dtype=torch.bool, device=device) if masked else None
+    if masked:  # one query per row against cache[:2, :, :span] of a 3-slot cache, as decode_logits
+        cache = torch.randn(3, 2, context, head_dim, device=device, dtype=dtype)
+        spans = sorted({min(DECODE_CTX_ROUND, context), context})
+        calls = [
+            (torch.randn(2, 2, 1, head_dim, device=device, dtype=dtype), cache[:2, :, :span], _probe_mask(span, device))
+            for span in spans
+        ]
+    else:  # causal prefill of a short and of a full-context prompt
+        calls = [
+            (x, x, None)
+            for t in sorted({min(8, context), context})
+            for x in [torch.randn(2, 2, t, head_dim, device=device, dtype=dtype)]
+        ]
     try:
         with warnings.catch_warnings(), sdpa_kernel([SDPA_BACKENDS[name]]):
             warnings.simplefilter("ignore")
-            F.scaled_dot_product_attention(q, k, k, attn_mask=mask, is_causal=not masked)
+            for q, k, mask in calls:
+                F.scaled_dot_product_attention(q, k, k, attn_mask=mask, is_causal=not masked)
     except RuntimeError as exc:
         return str(exc).splitlines()[0][:160]
     return ""
+
+
+def _probe_mask(span: int, device: torch.device) -> torch.Tensor:
+    """Two rows' validity masks over `span` positions: one full, one of a single position."""
+    valid = torch.ones(2, 1, 1, span, dtype=torch.bool, device=device)
+    valid[1, ..., 1:] = False
+    return valid

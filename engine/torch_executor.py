@@ -14,7 +14,8 @@ memory is refused and reported, a graph capture out of memory falls back to eage
 weights + KV in use + activations (+ on CUDA the allocator's cached blocks) <= the cap.
 On CUDA the caching allocator enforces it through the per-process memory fraction, set
 before each step so that the unused part of the preallocated KV cache does not count
-(`cap_memory_fraction`). On the CPU there is no allocator to run out of, so the cap is
+(`cap_memory_fraction`). The fraction is the process's, so hold one capped executor per
+process: another executor's memory would count against this one's cap. On the CPU there is no allocator to run out of, so the cap is
 simulated from an estimate of the bytes needed. `inject_oom_next` forces OOMs (in a step,
 a precision switch or a graph capture) in tests and drills.
 """
@@ -24,13 +25,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .card import reference_shape
-from .device import DTYPES, OOM_ERRORS, apply_allocator, pin_cpu_malloc, resolve_device
+from .device import DTYPES, OOM_ERRORS, apply_allocator, capped_gc_threshold, pin_cpu_malloc, resolve_device
 from .errors import InputError
 from .executor import Batch, Capacity, MemoryReading, StepResult, SwitchReport, kv_token_budget
 from .knobs import ALLOCATOR_MODES, KnobError, Knobs, not_applicable
@@ -121,6 +123,8 @@ class TorchExecutor:
                 # that building this one (and serving, without a cap) is not held to its cap.
                 # Only then: a fraction once set also arms the allocator's
                 # garbage_collection_threshold, which an uncapped allocator config must not get.
+                # (Older torch releases keep it armed even at 1.0, collecting at
+                # the threshold x the whole device: later than any cap, so harmless.)
                 torch.cuda.set_per_process_memory_fraction(1.0, self.device)
             self._total_mem = torch.cuda.mem_get_info(self.device)[1]
         self.full_stats_every = full_stats_every
@@ -129,6 +133,7 @@ class TorchExecutor:
         self._attention = self._knobs.attention
         self._graphs_on = self._knobs.cuda_graphs and self._cuda
         self._allocator = "default"
+        self._gc_threshold: float | None = None  # as last written under a cap (None: the config's own)
 
         # fp32 master weights in host memory, one flat buffer (pinned on CUDA): a precision
         # change copies it to the device in one allocation, casts each parameter out of it
@@ -188,6 +193,7 @@ class TorchExecutor:
             ("reserved", "allocated", "fragmentation", "retries", "ooms"), 0
         )
         self._outside = 0
+        self._ooms_before = 0
         if self._cuda:
             self._apply_cap(0)  # built uncapped (a one-off); serving is held to the cap from here
             if self._knobs.allocator != "default":
@@ -197,6 +203,8 @@ class TorchExecutor:
             # bytes held outside this process's caching allocator (CUDA context, other processes)
             self._outside = max(0, total - free - torch.cuda.memory_reserved(self.device))
             self._full_stats()
+            # the allocator counts OOMs for the whole process: this executor's are those after now
+            self._ooms_before = self._last_full["ooms"]
         self._update_capacity()
 
     def _update_capacity(self) -> None:
@@ -438,6 +446,7 @@ class TorchExecutor:
             return None
         ms, notes = apply_allocator(name)
         self._allocator = name
+        self._gc_threshold = None  # the config's own; the next capped step sets the cap's
         self._alloc_notes = {"allocator": notes} if notes else {}
         return ms
 
@@ -459,7 +468,9 @@ class TorchExecutor:
         for part, masked in (("prefill", False), ("decode", True)):
             key = (self._attention, dtype, masked)
             if key not in self._probe_cache:
-                self._probe_cache[key] = resolve_kernel(self._attention, self.device, dtype, hd, masked)
+                self._probe_cache[key] = resolve_kernel(
+                    self._attention, self.device, dtype, hd, masked, self.capacity.max_context
+                )
             kernel, why = self._probe_cache[key]
             out[part] = kernel
             if why:
@@ -549,14 +560,23 @@ class TorchExecutor:
 
     def _apply_cap(self, kv_tokens: int) -> None:
         """CUDA under a cap: the allocator's fraction for `kv_tokens` KV positions in use
-        (`cap_memory_fraction`); a no-op otherwise."""
+        (`cap_memory_fraction`), and for an allocator config with a garbage-collection
+        threshold, the threshold that collects at that share of the cap
+        (`capped_gc_threshold`); a no-op otherwise."""
         if self._cuda and self.memory_cap_bytes:
             global _FRACTION_SET
+            unused = self._unused_kv_bytes(kv_tokens)
             frac = cap_memory_fraction(
                 self.memory_cap_bytes, self._total_mem, self.cache.nbytes, kv_tokens, self.cache.bytes_per_token()
             )
             torch.cuda.set_per_process_memory_fraction(frac, self.device)
             _FRACTION_SET = True
+            threshold = ALLOCATOR_MODES[self._allocator]["garbage_collection_threshold"]
+            if threshold is not None:
+                gc = round(capped_gc_threshold(threshold, self.memory_cap_bytes, unused, frac * self._total_mem), 3)
+                if gc != self._gc_threshold:  # a settings call only when it moves (by 0.1% of the allowance)
+                    apply_allocator(self._allocator, gc)
+                    self._gc_threshold = gc
 
     def _need_bytes(self, batch: Batch) -> int:
         """Estimated bytes this batch needs: weights + KV in use after it + activations."""
@@ -692,18 +712,23 @@ class TorchExecutor:
                 torch.cuda.empty_cache()  # the warm-ups' blocks: not the graph's
                 before = torch.cuda.memory_reserved(dev)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, stream=side):
+                # a capture that fails leaves an empty graph, and torch warns of it on every try
+                with warnings.catch_warnings(), torch.cuda.graph(graph, stream=side):
+                    warnings.filterwarnings("ignore", message="The CUDA Graph is empty")
                     out = step()
                     if self._injected("capture"):
                         raise _oom("out of memory (injected by inject_oom_next, where='capture')")
             except OOM_ERRORS as exc:
                 failed = _first_line(exc)
-            except RuntimeError:
+            except RuntimeError as exc:
                 # Not memory: a CUDA error or a step that cannot be captured is a bug to see,
                 # not a condition to serve around (and torch may consider the capture still
-                # underway). Put the stream back so the traceback is the only damage done here.
+                # underway). Put the stream back so the traceback is the only damage done
+                # here, and mark the bucket failed so a caller that goes on does not capture
+                # it again at every step.
                 if torch.cuda.current_stream(dev).cuda_stream != main.cuda_stream:
                     torch.cuda.set_stream(main)
+                self._capture_failures[b] = _first_line(exc)
                 raise
             if failed:
                 if torch.cuda.current_stream(dev).cuda_stream != main.cuda_stream:  # capture_end raised first
@@ -880,7 +905,7 @@ class TorchExecutor:
                 allocated_bytes=lf["allocated"],
                 fragmentation_bytes=lf["fragmentation"],
                 retries=lf["retries"],
-                ooms=max(lf["ooms"], self._ooms),
+                ooms=max(lf["ooms"] - self._ooms_before, self._ooms),
                 full=read_full,
             )
         weights = self.weight_bytes

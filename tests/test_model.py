@@ -156,6 +156,29 @@ def test_cpu_kernel_resolution_reports_fallbacks() -> None:
     assert kernel == "flash" and "efficient" in why and "only on CUDA" in why
 
 
+def test_kernel_probe_reaches_the_engines_full_span(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel that runs a short probe but refuses the spans the engine attends over (a
+    version- or card-specific limit on sequence length) must not be picked: the refusal
+    would come mid-serving, as an error no step survives. Here flash refuses more than 256
+    key positions, as such a build would (sdpa_kernel, left real, says which kernel is pinned)."""
+    import torch.nn.functional as F
+
+    real = F.scaled_dot_product_attention
+
+    def sdpa(q, k, v, attn_mask=None, is_causal=False):  # noqa: ANN001, ANN202
+        flash_pinned = torch.backends.cuda.flash_sdp_enabled() and not torch.backends.cuda.math_sdp_enabled()
+        if flash_pinned and k.shape[2] > 256:
+            raise RuntimeError("No available kernel. Aborting execution.")
+        return real(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
+    cpu = torch.device("cpu")
+    for masked in (True, False):
+        assert resolve_kernel("flash", cpu, torch.float32, 16, masked=masked, context=256) == ("flash", "")
+        kernel, why = resolve_kernel("flash", cpu, torch.float32, 16, masked=masked, context=512)
+        assert kernel == "math" and "No available kernel" in why
+
+
 def test_helpers() -> None:
     assert round_ctx(1, 512) == 64 and round_ctx(64, 512) == 64 and round_ctx(65, 512) == 128
     assert round_ctx(500, 480) == 480

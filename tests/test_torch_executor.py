@@ -439,6 +439,35 @@ def test_allocator_settings_strings() -> None:
         allocator_settings_string("gc08_split128")
         == "expandable_segments:False,max_split_size_mb:128,garbage_collection_threshold:0.8"
     )
+    # under a cap the executor writes its own threshold; configs without one take none
+    assert allocator_settings_string("gc08_split128", 0.941).endswith("garbage_collection_threshold:0.941")
+    assert allocator_settings_string("split128", 0.941) == "expandable_segments:False,max_split_size_mb:128"
+
+
+def test_capped_gc_threshold_collects_at_the_share_of_the_cap() -> None:
+    """PyTorch collects once reserved > threshold x allowed, and under a cap the allowance
+    and the reserved bytes both hold the unused KV cache: the written threshold must put
+    the collection at 0.8 x the cap's own memory, not 0.8 x (cap + unused cache)."""
+    from autoopt.engine.device import capped_gc_threshold
+    from autoopt.engine.torch_executor import cap_memory_fraction
+
+    gib = 1 << 30
+    total, cache, per_token = 80 * gib, 5 * gib, 1 << 20  # 5,120 KV positions of 1 MiB
+    cap, kv_tokens = 2 * gib, 1024
+    unused = cache - kv_tokens * per_token
+    allowed = cap_memory_fraction(cap, total, cache, kv_tokens, per_token) * total
+    t = capped_gc_threshold(0.8, cap, unused, allowed)
+    reserved_at_collection = t * allowed  # what the allocator compares with
+    assert reserved_at_collection - unused == pytest.approx(0.8 * cap)  # in the cap's terms
+    assert 0.8 < t < 1  # later than the config's own 0.8 of the allowance
+    # no unused cache: the config's own threshold
+    assert capped_gc_threshold(0.8, cap, 0, cap) == pytest.approx(0.8)
+    # cap + unused cache past the device (the fraction clamped at 1): still 0.8 x the cap
+    big = 78 * gib
+    allowed = cap_memory_fraction(big, total, cache, kv_tokens, per_token) * total
+    assert allowed == total
+    assert capped_gc_threshold(0.8, big, unused, allowed) * allowed - unused == pytest.approx(0.8 * big)
+    assert 0 < capped_gc_threshold(0.8, 100 * gib, 80 * gib, total) < 1  # kept inside (0, 1), as PyTorch asks
 
 
 def test_cpu_malloc_is_pinned_so_activations_do_not_refault() -> None:
