@@ -15,9 +15,10 @@ weights + KV in use + activations (+ on CUDA the allocator's cached blocks) <= t
 On CUDA the caching allocator enforces it through the per-process memory fraction, set
 before each step so that the unused part of the preallocated KV cache does not count
 (`cap_memory_fraction`). The fraction is the process's, so hold one capped executor per
-process: another executor's memory would count against this one's cap. On the CPU there is no allocator to run out of, so the cap is
-simulated from an estimate of the bytes needed. `inject_oom_next` forces OOMs (in a step,
-a precision switch or a graph capture) in tests and drills.
+process: another executor's memory would count against this one's cap. On the CPU there
+is no allocator to run out of, so the cap is simulated from an estimate of the bytes
+needed. `inject_oom_next` forces OOMs (in a step, a precision switch or a graph capture)
+in tests and drills.
 """
 
 from __future__ import annotations
