@@ -103,18 +103,6 @@ def allocator_settings_string(name: str, gc_threshold: float | None = None) -> s
     return ",".join(parts)
 
 
-def capped_gc_threshold(threshold: float, cap_bytes: int, unused_bytes: int, allowed_bytes: float) -> float:
-    """The allocator's garbage-collection threshold that collects at `threshold` x the cap.
-
-    Why: PyTorch collects once its reserved bytes pass threshold x the memory fraction's
-    allowed bytes, and under a cap that allowance also holds the unused part of the
-    preallocated KV cache (`cap_memory_fraction`), which counts as reserved. The config's
-    own threshold would then collect long before the cap's memory (weights + KV in use +
-    activations + cached blocks) is at `threshold` of it. Kept inside (0, 1), as PyTorch asks.
-    """
-    return min(0.999, max(0.001, (threshold * cap_bytes + unused_bytes) / allowed_bytes))
-
-
 def apply_allocator(name: str, gc_threshold: float | None = None) -> tuple[float, str]:
     """Set the CUDA caching allocator to the named config at run time: (ms, why refused or '').
 

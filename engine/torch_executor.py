@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from .card import reference_shape
-from .device import DTYPES, OOM_ERRORS, apply_allocator, capped_gc_threshold, pin_cpu_malloc, resolve_device
+from .device import DTYPES, OOM_ERRORS, apply_allocator, pin_cpu_malloc, resolve_device
 from .errors import InputError
 from .executor import Batch, Capacity, MemoryReading, StepResult, SwitchReport, kv_token_budget
 from .knobs import ALLOCATOR_MODES, KnobError, Knobs, not_applicable
@@ -86,6 +86,18 @@ def cap_memory_fraction(
     """
     unused = unused_kv_bytes(cache_bytes, kv_tokens, kv_bytes_per_token)
     return float(min(1.0, (cap_bytes + unused) / total_bytes))
+
+
+def capped_gc_threshold(threshold: float, cap_bytes: int, unused_bytes: int, allowed_bytes: float) -> float:
+    """The allocator's garbage-collection threshold that collects at `threshold` x the cap.
+
+    Why: PyTorch collects once its reserved bytes pass threshold x the memory fraction's
+    allowed bytes, and under a cap that allowance also holds the unused part of the
+    preallocated KV cache (`cap_memory_fraction`, above), which counts as reserved. The config's
+    own threshold would then collect long before the cap's memory (weights + KV in use +
+    activations + cached blocks) is at `threshold` of it. Kept inside (0, 1), as PyTorch asks.
+    """
+    return min(0.999, max(0.001, (threshold * cap_bytes + unused_bytes) / allowed_bytes))
 
 
 class TorchExecutor:

@@ -448,8 +448,7 @@ def test_capped_gc_threshold_collects_at_the_share_of_the_cap() -> None:
     """PyTorch collects once reserved > threshold x allowed, and under a cap the allowance
     and the reserved bytes both hold the unused KV cache: the written threshold must put
     the collection at 0.8 x the cap's own memory, not 0.8 x (cap + unused cache)."""
-    from autoopt.engine.device import capped_gc_threshold
-    from autoopt.engine.torch_executor import cap_memory_fraction
+    from autoopt.engine.torch_executor import cap_memory_fraction, capped_gc_threshold
 
     gib = 1 << 30
     total, cache, per_token = 80 * gib, 5 * gib, 1 << 20  # 5,120 KV positions of 1 MiB
