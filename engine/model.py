@@ -398,11 +398,10 @@ def _probe(name: str, device: torch.device, dtype: torch.dtype, head_dim: int, m
             for span in spans
         ]
     else:  # causal prefill of a short and of a full-context prompt
-        calls = [
-            (x, x, None)
-            for t in sorted({min(8, context), context})
-            for x in [torch.randn(2, 2, t, head_dim, device=device, dtype=dtype)]
+        prompts = [
+            torch.randn(2, 2, t, head_dim, device=device, dtype=dtype) for t in sorted({min(8, context), context})
         ]
+        calls = [(x, x, None) for x in prompts]
     try:
         with warnings.catch_warnings(), sdpa_kernel([SDPA_BACKENDS[name]]):
             warnings.simplefilter("ignore")

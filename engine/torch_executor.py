@@ -93,9 +93,10 @@ def capped_gc_threshold(threshold: float, cap_bytes: int, unused_bytes: int, all
 
     Why: PyTorch collects once its reserved bytes pass threshold x the memory fraction's
     allowed bytes, and under a cap that allowance also holds the unused part of the
-    preallocated KV cache (`cap_memory_fraction`, above), which counts as reserved. The config's
-    own threshold would then collect long before the cap's memory (weights + KV in use +
-    activations + cached blocks) is at `threshold` of it. Kept inside (0, 1), as PyTorch asks.
+    preallocated KV cache (`cap_memory_fraction`, above), which counts as reserved. The
+    config's own threshold would then collect long before the cap's memory (weights + KV
+    in use + activations + cached blocks) is at `threshold` of it. Kept inside (0, 1), as
+    PyTorch asks.
     """
     return min(0.999, max(0.001, (threshold * cap_bytes + unused_bytes) / allowed_bytes))
 
