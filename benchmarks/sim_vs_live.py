@@ -14,7 +14,7 @@ or, with `--calibrate`, against profiles of the card it runs on.
 A shared host drifts. On the 2-core development VM the same decode step's 10 s medians
 ranged 0.80-1.19 ms within 150 s, and a live replay's iterations ran 0.79x-1.32x the time
 a profile taken a minute earlier predicts. So the benchmark runs `--rounds` rounds: each
-(with `--calibrate`) profiles the host (~25 s, the knobs' kernel and precision only), then
+(with `--calibrate`) profiles the host (~50 s, the knobs' kernel and precision only), then
 replays every case live. The simulator runs once, on the rows' medians over the rounds'
 profiles (`pool_profiles`), against the median of the live replays; `spread` is the live
 replays' (max - min) / median, the host's own noise, which bounds what any simulator can
@@ -312,6 +312,18 @@ def pool_profiles(paths: list[str], out: Path) -> str:
         for n, ms in t.get("decode_after_prefill_ms_by_prompt") or []:
             by_prompt.setdefault(n, []).append(ms)
     timing["decode_after_prefill_ms_by_prompt"] = [[n, statistics.median(v)] for n, v in sorted(by_prompt.items())]
+    afters = [a for t in timings if (a := t.get("prefill_after"))]
+    if afters:  # each factor's median over the calibrations that timed the same target
+        after = copy.deepcopy(afters[0])
+        for mode, table in after["modes"].items():
+            tables = [a["modes"].get(mode) for a in afters if a["gaps"] == after["gaps"]]
+            alike = [tab for tab in tables if tab and tab["targets"] == table["targets"]]
+            for cond in ("same", "other"):
+                table[cond] = [
+                    [statistics.median(tab[cond][i][g] for tab in alike) for g in range(len(after["gaps"]))]
+                    for i in range(len(table["targets"]))
+                ]
+        timing["prefill_after"] = after
     quantiles = {}
     for kind in ("prefill", "decode"):
         parts = [q for t in timings if (q := (t.get("noise_quantiles") or {}).get(kind))]

@@ -42,6 +42,11 @@ _CPU_GRID: dict[str, Any] = {
     # of max_context - 1 tokens), taken in turn: how much a prefill slows the decode after
     # it depends on its size (its activations evict the caches), and served prefills vary.
     "cold_prompts": [0.125, 0.25, 0.5, 1.0],
+    # Prefill history (prefill_history.py): this many prefill points, spread over the grid's
+    # sizes, are timed after a prefill of their own shape and of another, with each of
+    # history_gaps decode steps between, runs samples per condition and pass.
+    "history_targets": 5,
+    "history_gaps": [0, 1, 4, 16],
     "stat": "expected",  # see STATS
     # The prompt lengths a row (B, L) times: "exact" (L itself) or "below" (L-1 down to
     # L-1-L/64, drawn per sample). Powers of two are the GEMMs' fast, aligned shapes (on this
@@ -69,6 +74,10 @@ _CUDA_GRID: dict[str, Any] = {
     "passes": 1,
     "cold_runs": 2,
     "cold_prompts": [0.125, 0.25, 0.5, 1.0],
+    # off on CUDA, where it has not been measured: the card's minutes go to the grid itself
+    # (the simulator then applies no history; set history_targets to time it)
+    "history_targets": 0,
+    "history_gaps": [0, 1, 4, 16],
     "stat": "median",
     "prefill_lengths": "exact",  # as the shipped h100 profiles were measured
     "noise_probe_s": 5.0,
@@ -93,6 +102,7 @@ _QUICK: dict[str, dict[str, Any]] = {
         "decode_warmup": 1,
         "decode_runs": 5,
         "passes": 1,
+        "history_targets": 1,
         "noise_probe_s": 3.0,
     },
     "cuda": {

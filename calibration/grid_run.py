@@ -18,6 +18,7 @@ from ..engine.torch_executor import TorchExecutor
 from .grid import cold_prompt_lengths, prompt_length
 from .host_noise import QUANTILES, equal_probability_quantiles
 from .measure import Clock, error_text, free_cuda, run_with_peak, step_ms
+from .prefill_history import fit_prefill_after, history_targets
 
 
 def _tail_factor(samples: Sequence[Sequence[float]]) -> float:
@@ -70,9 +71,11 @@ class _Background:
         self.ex, self.prompt = ex, prompt
         self.req: Request | None = None
 
-    def step(self) -> None:
+    def step(self, room: int = 1) -> None:
+        """One decode step; restarts the sequence first (a prefill of `prompt` tokens) when
+        fewer than `room` steps are left in its context."""
         ex = self.ex
-        if self.req is not None and ex.context_of(self.RID) + 1 >= ex.capacity.max_context:
+        if self.req is not None and ex.context_of(self.RID) + room >= ex.capacity.max_context:
             self.stop()
         if self.req is None:
             self.req = Request(self.RID, 0.0, min(self.prompt, ex.capacity.max_context - 1), 1)
@@ -161,6 +164,8 @@ class GridRun:
         self.cold_extra: dict[int, list[float]] = {}
         self.cold_prompts = cold_prompt_lengths(g.get("cold_prompts") or [1.0], cfg.max_context)
         self._cold_turn = 0  # the cold prompts are taken in turn over the whole grid
+        # (precision, backend, B, L, same shape before, decode steps between) -> ms
+        self.history: dict[tuple, list[float]] = {}
 
     def run(
         self,
@@ -191,7 +196,7 @@ class GridRun:
                     continue
                 self.kernels[f"{backend}/{prec}"] = dict(ex.effective_kernels)
                 self.weights.setdefault(prec, ex.weight_bytes)
-                if self._prefill_pass(prec, backend, pre_pts):
+                if self._prefill_pass(prec, backend, pre_pts) or self._history_pass(prec, backend, pre_pts):
                     return f"budget of {budget} s spent (pass {p + 1} of {passes})"
                 for b, c, graph in dec_pts:
                     if self.clock.out():
@@ -230,18 +235,64 @@ class GridRun:
         try:
             _check_shape(ex, b, n, spare_slots=1)
             bg.step()
-            n = prompt_length(n, self.g.get("prefill_lengths", "exact"), self.rng)
-            reqs = [Request(i, 0.0, n, 1) for i in range(b)]
-            try:
-                ms, trans = run_with_peak(self.dev, lambda: step_ms(ex, Batch(reqs, [], b * n, 0)))
-            finally:
-                ex.release(reqs[::-1])  # last slot first: nothing to compact
+            ms, trans = self._prefill_once(b, n)
         except Exception as exc:
             self._fail(key, exc)
             return
         if timed:
             self.samples.setdefault(key, []).append(ms)
             self.trans[key] = max(self.trans.get(key, 0), int(trans))
+
+    def _prefill_once(self, b: int, n: int) -> tuple[float, int]:
+        """(ms, transient bytes) of one prefill of `b` prompts of grid length `n`."""
+        ex = self.ex
+        n = prompt_length(n, self.g.get("prefill_lengths", "exact"), self.rng)
+        reqs = [Request(i, 0.0, n, 1) for i in range(b)]
+        try:
+            return run_with_peak(self.dev, lambda: step_ms(ex, Batch(reqs, [], b * n, 0)))
+        finally:
+            ex.release(reqs[::-1])  # last slot first: nothing to compact
+
+    def _history_pass(self, prec: str, backend: str, pre_pts: list[tuple[int, int]]) -> bool:
+        """Time the grid's history targets after a prefill of their own shape or of a random
+        other point, with each of history_gaps decode steps between (prefill_history.py),
+        in a shuffled order. True when the budget ran out."""
+        g = self.g
+        ok = [p for p in pre_pts if ("prefill", prec, backend, *p, False) not in self.failed]
+        elem = torch.empty((), dtype=DTYPES[prec]).element_size()
+        kernel = self.kernels[f"{backend}/{prec}"]["prefill"]
+        targets = history_targets(
+            ok, int(g.get("history_targets", 0)), lambda b, n: transient_bytes(self.cfg, b, n, elem, kernel)
+        )
+        if len(ok) < 2 or not targets:
+            return False
+        gaps = [int(x) for x in g["history_gaps"]]
+        conds = [(t, same, gap) for t in targets for same in (True, False) for gap in gaps]
+        order = conds * max(1, g["runs"])
+        self.rng.shuffle(order)
+        self.bar.set_postfix_str(f"prefill history {backend}/{prec} ({len(order)} samples)")
+        bg = _Background(self.ex)
+        try:
+            for t, same, gap in order:
+                if self.clock.out():
+                    return True
+                before = t if same else ok[int(self.rng.integers(len(ok)))]
+                while not same and before == t:
+                    before = ok[int(self.rng.integers(len(ok)))]
+                bg.step(room=gap + 1)  # no restart (a prefill) between the two below
+                self._prefill_once(*before)
+                for _ in range(gap):
+                    bg.step()
+                ms = self._prefill_once(*t)[0]
+                self.history.setdefault((prec, backend, *t, same, gap), []).append(ms)
+        except Exception as exc:
+            self.errors.append(
+                {"part": "prefill_history", "precision": prec, "backend": backend, "error": error_text(exc)}
+            )
+            free_cuda(self.dev)
+        finally:
+            bg.stop()
+        return False
 
     def _decode(self, key: tuple, b: int, c: int, graph: bool) -> tuple[list[float], int]:
         self.ex.set_cuda_graphs(graph)
@@ -318,6 +369,9 @@ class GridRun:
             "decode_after_prefill_ms_by_prompt": [[n, round(ms, 5)] for n, ms in extra.items()],
             "noise_quantiles": {kind: _noise_quantiles(by_kind[kind]) for kind in kinds},
         }
+        after = fit_prefill_after(self.history, self.g.get("history_gaps") or [])
+        if after is not None:
+            self.timing["prefill_after"] = after
         pre_rows: list[dict[str, Any]] = []
         dec_rows: list[dict[str, Any]] = []
         for prec, backend in combos:

@@ -190,6 +190,7 @@ def _parse_allocator(alloc: dict[str, Any]) -> None:
 
 def _parse_timing(timing: dict[str, Any]) -> None:
     from .host_noise import HostNoise
+    from .prefill_history import check_prefill_after
 
     float(timing.get("decode_after_prefill", 1.0))
     for n, ms in timing.get("decode_after_prefill_ms_by_prompt") or []:
@@ -198,6 +199,8 @@ def _parse_timing(timing: dict[str, Any]) -> None:
         [float(q) for q in qs or []]
     if timing.get("host_noise"):
         HostNoise.from_dict(timing["host_noise"])
+    if timing.get("prefill_after"):
+        check_prefill_after(timing["prefill_after"])
 
 
 # ----------------------------------------------------------------------------------------

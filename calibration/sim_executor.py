@@ -28,6 +28,7 @@ from ..engine.knobs import Knobs, not_applicable
 from ..engine.request import Request
 from .alloc_model import AllocatorState
 from .host_noise import HostNoise, NoiseProcess
+from .prefill_history import PrefillHistory, history_for_mode
 from .profile import Profile, load_profile, profile_path
 
 # Latency lookups are memoised on inputs rounded to this relative step (~3%): the model
@@ -150,6 +151,14 @@ class SimExecutor:
         by_prompt = sorted((float(n), float(ms)) for n, ms in timing.get("decode_after_prefill_ms_by_prompt") or [])
         self._cold_points = [(0.0, 0.0), *by_prompt] if by_prompt else None
         self._cold_memo: dict[int, float] = {}
+        # A prefill's row holds the condition it was timed in (after another shape and one
+        # decode step); profiles that measured more (prefill_after) scale it by the last
+        # prefill's shape and the decode-only iterations since (prefill_history.py).
+        self._prefill_after = timing.get("prefill_after")
+        self._histories: dict[tuple[str, str], PrefillHistory | None] = {}
+        self._history: PrefillHistory | None = None  # this mode's, set by _set_mode
+        self._last_prefill: tuple[int, int] | None = None
+        self._since_prefill = 0  # decode-only iterations since the last prefill
         # noise=True: multipliers of mean 1 from the spread measured per kind of iteration
         # (equal-probability quantiles; a 2% lognormal for profiles without them). A profile
         # with a host-noise probe draws their ranks from its correlated process, advanced by
@@ -187,6 +196,16 @@ class SimExecutor:
         self._kv_bytes = mm.kv_bytes_per_token(self._precision)
         # activation bytes of (prefill B, L) or (0, decode B), per precision
         self._act_memo = self._act_memos.setdefault(self._precision, {})
+        if self._prefill_after:
+            key = (self._attention, self._precision)
+            if key not in self._histories:
+                attention, precision = key
+
+                def size(b: int, n: int) -> float:  # the prefill's working set, by this mode's kernel
+                    return mm.prefill_activation_bytes(b, n, precision, attention) or b * n
+
+                self._histories[key] = history_for_mode(self._prefill_after, attention, precision, size)
+            self._history = self._histories[key]
 
     # -- knobs ------------------------------------------------------------------------
     def apply_knobs(self, old: Knobs | None, new: Knobs) -> SwitchReport:
@@ -251,6 +270,11 @@ class SimExecutor:
             ms = self._pre_memo.get(n_pre << 20 | l_max)
             if ms is None:
                 ms = self._pre_memo[n_pre << 20 | l_max] = self._prefill_ms(n_pre, l_max)
+            if self._history is not None:
+                ms *= self._history.factor((n_pre, l_max), self._last_prefill, self._since_prefill)
+            self._last_prefill, self._since_prefill = (n_pre, l_max), 0
+        else:
+            self._since_prefill += 1
         n_dec = len(batch.decode)
         if n_dec:
             b = _graph_bucket(n_dec) if graphs else n_dec

@@ -95,6 +95,14 @@ def test_small_grid_profile_is_schema_valid_with_errors_recorded(tmp_path: Path)
     big = [r for r in on_disk["prefill"] if r["B"] == 2 and r["L"] == 24 and r["backend"] == "math"][0]
     small = [r for r in on_disk["prefill"] if r["B"] == 1 and r["L"] == 8 and r["backend"] == "math"][0]
     assert big["peak_alloc"] > small["peak_alloc"]
+    # the prefill history: targets among the measured points, per kernel, timed after a
+    # prefill of their own shape or another, each relative to (another, one decode step)
+    after = pv["timing"]["prefill_after"]
+    assert set(after["modes"]) == {"math/fp32", "flash/fp32"} and after["gaps"] == [0, 1, 4, 16]
+    for table in after["modes"].values():
+        assert 2 <= len(table["targets"]) and {tuple(t) for t in table["targets"]} <= {(1, 8), (1, 24), (2, 8), (2, 24)}
+        assert all(row[1] == 1.0 for row in table["other"])
+        assert all(0.2 < x < 5.0 for cond in ("same", "other") for row in table[cond] for x in row)
     # the host-noise probe: a second of back-to-back decode steps, their marginal (mean 1)
     # and how long the host's speed stayed off (host_noise.py)
     noise = HostNoise.from_dict(pv["timing"]["host_noise"])

@@ -101,6 +101,12 @@ def test_pooled_profile_takes_each_rows_median(tmp_path):
     for i, scale in enumerate((1.0, 4.0, 2.0)):
         prof = _scaled(base, scale)
         prof["provenance"]["timing"]["decode_after_prefill_ms_by_prompt"] = [[64, 0.1 * scale], [511, 0.3 * scale]]
+        table = {
+            "targets": [[1, 64], [1, 512]],
+            "same": [[0.9, 1.0], [0.8 + 0.01 * scale, 0.9]],
+            "other": [[1.0 + 0.01 * scale, 1.0], [1.1, 1.0]],
+        }
+        prof["provenance"]["timing"]["prefill_after"] = {"gaps": [0, 1], "modes": {"math/fp32": table}}
         path = tmp_path / f"p{i}.json"
         path.write_text(json.dumps(prof))
         paths.append(str(path))
@@ -112,6 +118,9 @@ def test_pooled_profile_takes_each_rows_median(tmp_path):
             assert math.isclose(got["ms_min"], want["ms_min"]) and math.isclose(got["ms_max"], 4.0 * want["ms_max"])
     timing = pooled.provenance["timing"]
     assert [[n, round(ms, 6)] for n, ms in timing["decode_after_prefill_ms_by_prompt"]] == [[64, 0.2], [511, 0.6]]
+    after = timing["prefill_after"]["modes"]["math/fp32"]  # factor by factor, the median over the calibrations
+    assert after["same"] == [[0.9, 1.0], [pytest.approx(0.82), 0.9]]
+    assert after["other"] == [[pytest.approx(1.02), 1.0], [1.1, 1.0]]
     drift = bench.calibration_drift(paths, str(tmp_path / "pooled.json"))
     assert [round(d["prefill"], 9) for d in drift] == [round(d["decode"], 9) for d in drift] == [0.5, 2.0, 1.0]
 
