@@ -313,17 +313,8 @@ def pool_profiles(paths: list[str], out: Path) -> str:
             by_prompt.setdefault(n, []).append(ms)
     timing["decode_after_prefill_ms_by_prompt"] = [[n, statistics.median(v)] for n, v in sorted(by_prompt.items())]
     afters = [a for t in timings if (a := t.get("prefill_after"))]
-    if afters:  # each factor's median over the calibrations that timed the same target
-        after = copy.deepcopy(afters[0])
-        for mode, table in after["modes"].items():
-            tables = [a["modes"].get(mode) for a in afters if a["gaps"] == after["gaps"]]
-            alike = [tab for tab in tables if tab and tab["targets"] == table["targets"]]
-            for cond in ("same", "other"):
-                table[cond] = [
-                    [statistics.median(tab[cond][i][g] for tab in alike) for g in range(len(after["gaps"]))]
-                    for i in range(len(table["targets"]))
-                ]
-        timing["prefill_after"] = after
+    if afters:
+        timing["prefill_after"] = pool_prefill_after(afters)
     quantiles = {}
     for kind in ("prefill", "decode"):
         parts = [q for t in timings if (q := (t.get("noise_quantiles") or {}).get(kind))]
@@ -335,6 +326,30 @@ def pool_profiles(paths: list[str], out: Path) -> str:
     pooled["provenance"]["source"] = f"median of {len(paths)} calibrations interleaved with the live replays"
     out.write_text(json.dumps(pooled))
     return str(out)
+
+
+def pool_prefill_after(afters: list[dict[str, Any]]) -> dict[str, Any]:
+    """The calibrations' prefill-history tables in one: per mode, each factor's median over
+    the tables of its most common targets (a failed point changes a calibration's targets)
+    among the calibrations of the most common gaps; a mode any of them timed is kept."""
+    gaps = statistics.mode(tuple(a["gaps"]) for a in afters)
+    tables: dict[tuple, list[dict[str, Any]]] = {}  # (mode, targets) -> the tables
+    for a in afters:
+        if tuple(a["gaps"]) == gaps:
+            for mode, table in a["modes"].items():
+                tables.setdefault((mode, json.dumps(table["targets"])), []).append(table)
+    modes: dict[str, Any] = {}
+    for (mode, _), alike in sorted(tables.items(), key=lambda kv: -len(kv[1])):
+        if mode not in modes:
+            targets = alike[0]["targets"]
+            modes[mode] = {"targets": targets}
+            for cond in ("same", "other"):
+                modes[mode][cond] = [
+                    [statistics.median(t[cond][i][g] for t in alike) for g in range(len(gaps))]
+                    for i in range(len(targets))
+                ]
+    pooled = {k: v for k, v in afters[0].items() if k not in ("gaps", "modes")}  # same_within
+    return pooled | {"gaps": list(gaps), "modes": modes}
 
 
 def calibration_drift(paths: list[str], pooled: str) -> list[dict[str, float]]:

@@ -45,6 +45,7 @@ from .grid_run import GridRun
 from .host_noise import HostNoise
 from .measure import Clock, error_text, free_cuda
 from .noise_probe import probe_host_noise
+from .prefill_history import check_gaps
 from .profile import PROFILE_FORMAT, PROFILE_VERSION, SWITCH_KEYS
 from .switch_costs import measure_switch_costs
 
@@ -109,6 +110,8 @@ def calibrate(
         raise ValueError(f"grid stat must be one of {list(STATS)}, got {g['stat']!r}")
     if g.get("prefill_lengths", "exact") not in PREFILL_LENGTHS:
         raise ValueError(f"grid prefill_lengths must be one of {list(PREFILL_LENGTHS)}, got {g['prefill_lengths']!r}")
+    if int(g.get("history_targets") or 0) > 0:
+        check_gaps(g["history_gaps"])
     graphs = [bool(x) for x in g["cuda_graphs"] if dev.type == "cuda" or not x]
     combos, skipped = device_combos(g, dev.type)
     pre_pts, dec_pts = grid_points(g, graphs)

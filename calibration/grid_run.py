@@ -77,8 +77,8 @@ class _Background:
         ex = self.ex
         if self.req is not None and ex.context_of(self.RID) + room >= ex.capacity.max_context:
             self.stop()
-        if self.req is None:
-            self.req = Request(self.RID, 0.0, min(self.prompt, ex.capacity.max_context - 1), 1)
+        if self.req is None:  # a prompt short enough to leave the room asked for
+            self.req = Request(self.RID, 0.0, max(1, min(self.prompt, ex.capacity.max_context - 1 - room)), 1)
             step_ms(ex, Batch([self.req], [], self.req.prompt_len, 0))
         step_ms(ex, Batch([], [self.req], 0, 0))
 

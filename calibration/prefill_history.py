@@ -33,16 +33,33 @@ from typing import Any
 # the gap the grid's rows were timed at: one decode step between two prefills
 REFERENCE_GAP = 1
 # a prefill counts as the same shape as the last one when it has as many prompts and its
-# longest prompt is within this fraction of the last one's (calibration's "same" samples
-# draw their lengths within L/64 of each other, as the rows' do)
+# longest prompt is within this fraction of the last one's: a chosen tolerance, not a
+# measured one (calibration's "same" samples differ by at most L/64; on the development CPU
+# a prompt 10% shorter before a ~510-token prefill left it 1.5-2.6% slower than its own
+# shape did, and another grid shape 4-17%)
 SAME_WITHIN = 0.125
+# the largest gap a profile may name: the simulator expands each table to every gap up to it
+MAX_GAP = 4096
+
+
+def check_gaps(gaps: Sequence[int]) -> list[int]:
+    """The grid's history_gaps as ints, refused unless distinct, ascending, within
+    [0, MAX_GAP] and holding REFERENCE_GAP (the rows' own condition, which every factor is
+    relative to)."""
+    out = [int(g) for g in gaps]
+    if not out or out != sorted(set(out)) or out[0] < 0 or out[-1] > MAX_GAP:
+        raise ValueError(f"prefill history gaps must be distinct ascending ints in [0, {MAX_GAP}], got {list(gaps)}")
+    if REFERENCE_GAP not in out:
+        raise ValueError(f"prefill history gaps must include {REFERENCE_GAP} (the rows' own condition), got {out}")
+    return out
 
 
 def history_targets(
     points: Sequence[tuple[int, int]], n: int, size: Callable[[int, int], float]
 ) -> list[tuple[int, int]]:
     """`n` prefill points of the grid spread over its working sets (evenly spaced ranks by
-    `size`, the activation bytes; ends excluded): the shapes whose history calibration times."""
+    `size`, the activation bytes; the ends excluded while n < len(points) - 1): the shapes
+    whose history calibration times."""
     if n <= 0 or not points:
         return []
     ranked = sorted(points, key=lambda p: (size(*p), p))
@@ -55,27 +72,32 @@ def fit_prefill_after(samples: Mapping[tuple, Sequence[float]], gaps: Sequence[i
     (precision, backend, B, L, same, gap), one table per kernel and precision.
 
     Each target's samples are divided by the median of its own (other, REFERENCE_GAP)
-    samples, so that the factors hold the condition alone, not the target's speed. None
-    when no target has reference samples.
+    samples, so that the factors hold the condition alone, not the target's speed. A target
+    missing any condition (a budget or an error cut its pass) is left out rather than
+    written as neutral. None when no target has all of them.
     """
-    refs = {k[:4]: statistics.median(v) for k, v in samples.items() if not k[4] and k[5] == REFERENCE_GAP and v}
-    if not refs:
+    gaps = check_gaps(gaps)
+    conds = [(same, gap) for same in (True, False) for gap in gaps]
+    points = {k[:4] for k in samples}
+    full = [p for p in points if all(samples.get((*p, *c)) for c in conds)]
+    if not full:
         return None
-    out: dict[str, Any] = {"gaps": [int(g) for g in gaps], "same_within": SAME_WITHIN, "modes": {}}
+    refs = {p: statistics.median(samples[(*p, False, REFERENCE_GAP)]) for p in full}
+    out: dict[str, Any] = {"gaps": gaps, "same_within": SAME_WITHIN, "modes": {}}
     for prec, backend in sorted({k[:2] for k in refs}):
         targets = sorted(k[2:4] for k in refs if k[:2] == (prec, backend))
         table: dict[str, Any] = {"targets": [list(t) for t in targets]}
         for same in (True, False):
             table["same" if same else "other"] = [
-                [_ratio(samples.get((prec, backend, *t, same, gap)), refs[(prec, backend, *t)]) for gap in gaps]
+                [_ratio(samples[(prec, backend, *t, same, gap)], refs[(prec, backend, *t)]) for gap in gaps]
                 for t in targets
             ]
         out["modes"][f"{backend}/{prec}"] = table
     return out
 
 
-def _ratio(xs: Sequence[float] | None, ref: float) -> float:
-    return round(float(statistics.median(xs)) / ref, 4) if xs else 1.0
+def _ratio(xs: Sequence[float], ref: float) -> float:
+    return round(float(statistics.median(xs)) / ref, 4)
 
 
 def check_prefill_after(spec: Mapping[str, Any]) -> None:
@@ -106,12 +128,10 @@ class PrefillHistory:
     rows are worked out once; a lookup is then a dict get and two list indexings."""
 
     def __init__(self, spec: Mapping[str, Any], table: Mapping[str, Any], size: Callable[[int, int], float]) -> None:
-        gaps = [int(g) for g in spec["gaps"]]
+        gaps = check_gaps(spec["gaps"])
         targets = [(int(b), int(n)) for b, n in table["targets"]]
-        if not gaps or gaps != sorted(set(gaps)) or gaps[0] < 0:
-            raise ValueError(f"prefill_after.gaps must be distinct ascending gaps >= 0, got {gaps}")
-        if not targets or any(b < 1 or n < 1 for b, n in targets):
-            raise ValueError(f"targets must be [B, L] points with B, L >= 1, got {targets}")
+        if not targets or any(b < 1 or n < 1 for b, n in targets) or len(set(targets)) < len(targets):
+            raise ValueError(f"targets must be distinct [B, L] points with B, L >= 1, got {targets}")
         tables = {}
         for cond in ("same", "other"):
             rows = [[float(x) for x in row] for row in table[cond]]

@@ -196,6 +196,9 @@ class SimExecutor:
         self._kv_bytes = mm.kv_bytes_per_token(self._precision)
         # activation bytes of (prefill B, L) or (0, decode B), per precision
         self._act_memo = self._act_memos.setdefault(self._precision, {})
+        # a switch of kernel or precision leaves the caches holding the other mode's buffers:
+        # the next prefill follows no prefill of its own mode
+        self._last_prefill = None
         if self._prefill_after:
             key = (self._attention, self._precision)
             if key not in self._histories:
@@ -259,6 +262,8 @@ class SimExecutor:
         `decode_context`: the longest context in `batch.decode`; found from the batch when
         not given (the executor knows it without a scan when it runs the batch itself).
         `prefill_shape`: (prompts, longest prompt) of `batch.prefill`, when already known.
+        The time follows the iterations asked about before (a prefill's history, a decode
+        step after a prefill): ask once per iteration, in order.
         """
         graphs = self._graphs
         ms = 0.0

@@ -61,6 +61,9 @@ def test_the_factor_follows_the_last_shape_and_the_gap() -> None:
         (lambda s, t: s.update(gaps=[]), "ascending"),
         (lambda s, t: s.update(modes={}), "modes"),
         (lambda s, t: t.update(targets=[[0, 64], [1, 512]]), "B, L >= 1"),
+        (lambda s, t: t.update(targets=[[1, 64], [1, 64]]), "distinct"),
+        (lambda s, t: s.update(gaps=[0, 2, 4, 16]), "include 1"),
+        (lambda s, t: s.update(gaps=[0, 1, 4, 10**9]), "ascending ints in"),
         (lambda s, t: t["same"].pop(), "one row per target"),
         (lambda s, t: t["other"][0].pop(), "one factor per gap"),
         (lambda s, t: t.pop("other"), "other"),
@@ -100,6 +103,9 @@ def test_the_fit_divides_each_target_by_its_own_reference() -> None:
         assert table["same"] == [pytest.approx([0.8, 0.9, 0.9, 1.0], abs=1e-4)]
         assert table["other"] == [pytest.approx([1.1, 1.0, 1.05, 1.2], abs=1e-4)]
     assert fit_prefill_after({("fp32", "math", 1, 8, True, 0): [1.0]}, GAPS) is None
+    # a target missing a condition (its pass was cut) is left out, not written as neutral
+    cut = {k: v for k, v in samples.items() if k != ("bf16", "math", 1, 512, True, 16)}
+    assert set(fit_prefill_after(cut, GAPS)["modes"]) == {"math/fp32"}
     check_prefill_after(out)  # what the fit writes, the simulator reads
 
 
@@ -164,3 +170,52 @@ def test_the_shipped_cpu_profile_measured_its_history() -> None:
     assert set(after["modes"]) == {"math/fp32", "flash/fp32", "math/bf16", "flash/bf16"}
     for table in after["modes"].values():
         assert len(table["targets"]) >= 3 and all(row[1] == 1.0 for row in table["other"])
+
+
+def test_calibration_times_each_target_exactly_gap_decode_steps_after_its_predecessor() -> None:
+    """The link the simulator relies on: in the history pass every timed prefill follows
+    another prefill with exactly `gap` decode-only iterations between (the background
+    sequence never restarts, which would be a prefill, in between)."""
+    import torch
+
+    from autoopt.calibration.grid import default_grid, grid_points, merge_grid
+    from autoopt.calibration.grid_run import GridRun, _Background
+    from autoopt.calibration.measure import Clock
+    from autoopt.engine.model import PRESETS
+    from autoopt.engine.torch_executor import TorchExecutor
+
+    g = merge_grid(default_grid("cpu"), {"prefill": {"B": [1, 2], "L": [8, 16, 32]}, "runs": 2})
+    g.update(history_targets=2, history_gaps=[0, 1, 3])
+    ex = TorchExecutor("tiny", "cpu", max_slots=3, max_context=40, knobs=Knobs(precision="fp32", attention="math"))
+    log: list[str] = []
+    run = ex.execute
+
+    def execute(batch):  # P: a grid prefill, R: the background's restart, D: decode only
+        kind = "D" if not batch.prefill else "R" if batch.prefill[0].rid == _Background.RID else "P"
+        log.append(kind)
+        return run(batch)
+
+    ex.execute = execute
+
+    class Bar:
+        def update(self, n: int = 1) -> None: ...
+        def set_postfix_str(self, s: str) -> None: ...
+
+    timed: list[tuple[int, int]] = []  # (gap, position in the log) of each timed sample
+
+    class History(dict):
+        def setdefault(self, key, default=None):
+            timed.append((key[-1], len(log)))
+            return super().setdefault(key, default)
+
+    kernels = {"math/fp32": dict(ex.effective_kernels)}
+    gr = GridRun(ex, PRESETS["tiny"], torch.device("cpu"), g, Clock(None), Bar(), [], kernels)
+    gr.history = History()
+    pre_pts, _ = grid_points(g, [False])
+    assert gr._history_pass("fp32", "math", pre_pts) is False
+    assert len(timed) == 2 * 2 * 3 * 2  # targets x (same, other) x gaps x runs
+    assert "R" in log  # a context of 40 runs out: the background restarted, between samples
+    for gap, end in timed:
+        assert log[end - gap - 2 : end] == ["P", *["D"] * gap, "P"], (gap, log[end - gap - 3 : end])
+    after = fit_prefill_after(gr.history, g["history_gaps"])
+    assert after is not None and len(after["modes"]["math/fp32"]["targets"]) == 2
