@@ -1,5 +1,6 @@
 """The simulator executor: seeded determinism and noise, memory accounting, allocator OOMs,
-graph captures, and the decode-context bookkeeping that stands in for a scan of the batch."""
+graph captures, the decode-context bookkeeping that stands in for a scan of the batch, and
+the scheduler it shares with the live engine (fed a live replay's times, it retraces it)."""
 
 from __future__ import annotations
 
@@ -286,3 +287,64 @@ def test_time_scale_runs_the_card_slower_and_the_probe_sees_it():
     assert all(abs(s - 2 * b) < 1e-9 for s, b in zip(slow, base, strict=True)) and base[0] > 0
     with pytest.raises(ValueError, match="time_scale"):
         SimExecutor(H100, time_scale=0.0)
+
+
+def test_fed_the_live_iteration_times_the_simulator_retraces_the_live_replay():
+    """The engine and the simulator share one scheduler and only execution differs: a
+    simulator that takes each iteration's time from a live replay (real torch, the tiny
+    model on the CPU) batches the same requests in the same order and serves every one at
+    the same instants. So a sim-versus-live gap lies in the iterations' times alone."""
+    import torch
+
+    from autoopt.engine.executor import StepResult
+    from autoopt.engine.torch_executor import TorchExecutor
+
+    def ids(batch: Batch) -> tuple:
+        return tuple(r.rid for r in batch.prefill), tuple(r.rid for r in batch.decode)
+
+    class Recording(TorchExecutor):
+        def __init__(self, *args, **kw) -> None:
+            super().__init__(*args, **kw)
+            self.trail: list[tuple] = []
+
+        def execute(self, batch: Batch) -> StepResult:
+            result = super().execute(batch)
+            self.trail.append((ids(batch), result.ms, result.oom))
+            return result
+
+    class Retracing(SimExecutor):
+        def __init__(self, times: list[float], *args, **kw) -> None:
+            super().__init__(*args, **kw)
+            self.times, self.trail = iter(times), []
+
+        def execute(self, batch: Batch) -> StepResult:
+            result = super().execute(batch)
+            ms = next(self.times)
+            self.trail.append((ids(batch), ms, result.oom))
+            return StepResult(ms, result.oom, result.error)
+
+    knobs = Knobs(attention="math", precision="fp32", max_num_seqs=8, max_batched_tokens=512)
+    trace = load_trace("poisson:rate=150,duration=1,prompt_median=64,output_median=16", seed=5)  # a queue forms
+
+    def serve(ex) -> tuple[list, dict]:
+        requests = trace.clip(ex.capacity.max_context).to_requests()
+        report = Engine(ex, requests, knobs).run(until_s=30)
+        return [(r.rid, r.state, r.first_token_s, r.finish_s) for r in requests], report
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        live = Recording("tiny", "cpu", max_slots=16, seed=0)
+        live_served, live_report = serve(live)
+    finally:
+        torch.set_num_threads(threads)
+    sim = Retracing([ms for _, ms, _ in live.trail], CPU, max_slots=16, max_context=live.capacity.max_context, seed=0)
+    sim_served, sim_report = serve(sim)
+
+    batches = [b for b, _, _ in live.trail]
+    assert any(len(pre) > 1 for pre, _ in batches) and any(pre and dec for pre, dec in batches)  # queued, mixed
+    assert live_report["completed"] == live_report["arrived"] > 100
+    assert sim.trail == live.trail
+    assert sim_served == live_served
+    for key in ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tokens_per_s", "goodput_rps"):
+        assert sim_report[key] == live_report[key], key
