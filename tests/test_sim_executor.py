@@ -294,8 +294,6 @@ def test_fed_the_live_iteration_times_the_simulator_retraces_the_live_replay():
     simulator that takes each iteration's time from a live replay (real torch, the tiny
     model on the CPU) batches the same requests in the same order and serves every one at
     the same instants. So a sim-versus-live gap lies in the iterations' times alone."""
-    import torch
-
     from autoopt.engine.executor import StepResult
     from autoopt.engine.torch_executor import TorchExecutor
 
@@ -331,13 +329,8 @@ def test_fed_the_live_iteration_times_the_simulator_retraces_the_live_replay():
         report = Engine(ex, requests, knobs).run(until_s=30)
         return [(r.rid, r.state, r.first_token_s, r.finish_s) for r in requests], report
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        live = Recording("tiny", "cpu", max_slots=16, seed=0)
-        live_served, live_report = serve(live)
-    finally:
-        torch.set_num_threads(threads)
+    live = Recording("tiny", "cpu", max_slots=16, seed=0)
+    live_served, live_report = serve(live)
     sim = Retracing([ms for _, ms, _ in live.trail], CPU, max_slots=16, max_context=live.capacity.max_context, seed=0)
     sim_served, sim_report = serve(sim)
 
